@@ -1,0 +1,92 @@
+"""`W8A16LinearLayer`: a drop-in for `nn.Linear` that stores int8 weights and one scale per output row.
+
+The module is a thin shell around the functional core (`quant.py`) and the matmul (`kernels.py`): it owns
+three buffers and checks its input. Buffers, not parameters, because nothing here is trained; and since
+`Module.to(dtype)` only casts floating-point tensors, `model.half()` or `model.to(torch.bfloat16)` casts the
+scales and the bias but can never touch the int8 weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import quant
+from .kernels import w8a16_linear
+
+
+class W8A16LinearLayer(nn.Module):
+    """int8 weights ``(out, in)``, ``scales`` ``(out,)`` and an optional ``bias`` ``(out,)``.
+
+    ``forward`` accepts fp32, fp16 or bf16 inputs of any leading shape ``(..., in)`` and returns the input's
+    dtype. ``dtype`` is the dtype of the scales and the bias, as in the seed.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be floating point (the dtype of scales and bias), got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        # Random int8 weights until quantize() or load_state_dict() fills them, as in the seed.
+        self.register_buffer(
+            "int8_weights",
+            torch.randint(-128, 127, (out_features, in_features), dtype=torch.int8, device=device),
+        )
+        self.register_buffer("scales", torch.randn(out_features, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.randn(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "W8A16LinearLayer":
+        """Quantize an `nn.Linear`, keeping its dtype (for scales and bias) and device."""
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            dtype=linear.weight.dtype,
+            device=linear.weight.device,
+        )
+        layer.quantize(linear.weight)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    @torch.no_grad()
+    def quantize(self, weights: torch.Tensor) -> None:
+        """Per-channel absmax: ``scales = |W|.max(dim=-1) / 127``, ``int8 = round(W / scales)``.
+
+        The scale is first rounded to the layer's dtype and the int8 values are computed against that stored
+        scale, so ``int8 * scales`` is the best dequantization the stored numbers allow. For fp32 weights this
+        is bit-identical to the formula above.
+        """
+        quant.check_weights(weights, (self.out_features, self.in_features))
+        scales = quant.per_channel_scales(weights).to(self.scales.dtype)
+        self.int8_weights = quant.quantize(weights, scales).to(self.int8_weights.device)
+        self.scales = scales.to(self.int8_weights.device)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``int8 * scales`` as a dense ``(out, in)`` matrix, for error analysis."""
+        return quant.dequantize(self.int8_weights, self.scales, dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(
+                f"W8A16LinearLayer({self.in_features}→{self.out_features}) got input of shape "
+                f"{tuple(x.shape)}; the last dimension must be {self.in_features}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"W8A16LinearLayer expects a floating-point input, got {x.dtype}")
+        return w8a16_linear(x, self.int8_weights, self.scales, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, dtype={self.scales.dtype}"
+        )
