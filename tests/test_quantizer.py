@@ -1,0 +1,189 @@
+"""The model walker on toy models and on small same-architecture transformers models (offline)."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from w8a16 import Quantizer, W8A16LinearLayer, footprint_bytes, quantize_model
+
+
+class Block(nn.Module):
+    def __init__(self, width=16):
+        super().__init__()
+        self.attn = nn.ModuleDict({"q": nn.Linear(width, width), "k": nn.Linear(width, width, bias=False)})
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, x):
+        return self.mlp(self.attn["q"](x) + self.attn["k"](x))
+
+
+class Toy(nn.Module):
+    def __init__(self, width=16, vocab=50, tie=False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.h = nn.ModuleList([Block(width) for _ in range(2)])
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        if tie:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.h:
+            x = x + block(x)
+        return self.lm_head(x)
+
+
+def linear_names(model, cls=nn.Linear):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, cls))
+
+
+def test_seed_call_replaces_all_but_excluded_and_returns_model():
+    model = Toy()
+    out = Quantizer(model, W8A16LinearLayer, ["lm_head"])
+    assert out is model
+    assert linear_names(model) == ["lm_head"]
+    assert len(linear_names(model, W8A16LinearLayer)) == 8
+    report = model.w8a16_report
+    assert len(report.replaced) == 8 and report.kept == {"lm_head": "excluded by 'lm_head'"}
+    assert report.bytes_after < report.bytes_before == footprint_bytes(Toy())
+
+
+@pytest.mark.parametrize(
+    "pattern, kept",
+    [
+        ("q", ["h.0.attn.q", "h.1.attn.q"]),  # child name
+        ("h.1.mlp.2", ["h.1.mlp.2"]),  # fully-qualified name
+        ("h.*.attn.*", ["h.0.attn.k", "h.0.attn.q", "h.1.attn.k", "h.1.attn.q"]),  # glob
+    ],
+)
+def test_exclusion_patterns(pattern, kept):
+    model = Toy()
+    report = quantize_model(model, W8A16LinearLayer, [pattern, "lm_head"])
+    assert linear_names(model) == sorted(kept + ["lm_head"])
+    assert sorted(report.kept) == sorted(kept + ["lm_head"])
+
+
+def test_pattern_that_matches_nothing_warns_with_its_name():
+    with pytest.warns(UserWarning, match="'transformer.nope'"):
+        Quantizer(Toy(), W8A16LinearLayer, ["transformer.nope"])
+
+
+def test_calling_twice_is_harmless():
+    model = Quantizer(Toy(), W8A16LinearLayer, ["lm_head"])
+    ids = torch.randint(0, 50, (2, 5))
+    first = model(ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no spurious "matches nothing" on the second pass
+        Quantizer(model, W8A16LinearLayer, ["lm_head"])
+    assert model.w8a16_report.replaced == []
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(model(ids), first)
+
+
+def test_tied_lm_head_is_kept_with_a_reason():
+    model = Toy(tie=True)
+    with pytest.warns(UserWarning, match="tied to embed.weight"):
+        Quantizer(model, W8A16LinearLayer)
+    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.embed.weight
+    assert "tied" in model.w8a16_report.kept["lm_head"]
+
+
+def test_tied_lm_head_quantized_when_asked():
+    model = Toy(tie=True)
+    Quantizer(model, W8A16LinearLayer, quantize_tied=True)
+    assert isinstance(model.lm_head, W8A16LinearLayer)
+    assert model.embed.weight.dtype == torch.float32  # the embedding itself is untouched
+
+
+def test_bad_weight_names_the_layer():
+    model = Toy()
+    with torch.no_grad():
+        model.h[1].mlp[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer 'h\.1\.mlp\.2'.*NaN"):
+        Quantizer(model, W8A16LinearLayer, ["lm_head"])
+
+
+def test_report_prints_and_counts_bytes():
+    model = Toy(width=32)
+    report = quantize_model(model, W8A16LinearLayer, ["lm_head"])
+    text = str(report)
+    assert "replaced 8 Linear layer(s), kept 1" in text and "kept lm_head" in text
+    # each replaced layer: weights go from 4 bytes to 1 byte; scales (4 bytes each) are added
+    replaced_weights = sum(m.int8_weights.numel() for m in model.modules() if isinstance(m, W8A16LinearLayer))
+    replaced_rows = sum(m.scales.numel() for m in model.modules() if isinstance(m, W8A16LinearLayer))
+    assert report.bytes_before - report.bytes_after == 3 * replaced_weights - 4 * replaced_rows
+
+
+def test_state_dict_loads_into_fresh_quantized_model():
+    model = Quantizer(Toy(), W8A16LinearLayer, ["lm_head"])
+    fresh = Quantizer(Toy(), W8A16LinearLayer, ["lm_head"])
+    fresh.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 50, (1, 7))
+    assert torch.equal(fresh(ids), model(ids))
+
+
+# --- transformers models, tiny same-architecture configs (no hub) ---------------------------------------------
+
+
+def tiny_codegen(dtype=torch.float32):
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+
+    config = CodeGenConfig(
+        n_layer=2, n_embd=64, n_head=4, rotary_dim=8, vocab_size=128, n_positions=64, n_ctx=64,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    return CodeGenForCausalLM(config).to(dtype).eval()
+
+
+def tiny_detr():
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+    config = DetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
+        backbone_config=ResNetConfig(out_features=["stage4"], embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1]),
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, num_labels=5,
+    )
+    return DetrForObjectDetection(config).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_codegen_lm_head_kept_logits_close_generate_works(dtype):
+    model = tiny_codegen(dtype)
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    bytes_before = model.get_memory_footprint()
+    Quantizer(model, W8A16LinearLayer, ["lm_head"])
+    assert isinstance(model.lm_head, nn.Linear)
+    assert all(isinstance(b.mlp.fc_in, W8A16LinearLayer) for b in model.transformer.h)
+    with torch.no_grad():
+        out = model(ids).logits.float()
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < (0.02 if dtype == torch.float32 else 0.05)
+    gen = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 13)
+    assert model.get_memory_footprint() < bytes_before
+
+
+def test_detr_every_linear_replaced_outputs_close():
+    model = tiny_detr()
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(pixel_values=pixels)
+    Quantizer(model, W8A16LinearLayer)
+    assert linear_names(model) == []
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+    assert torch.allclose(out.logits, ref.logits, atol=0.05 * ref.logits.abs().max().item())
+    assert torch.allclose(out.pred_boxes, ref.pred_boxes, atol=0.02)
+
+
+def test_model_half_after_quantizing_keeps_int8():
+    model = Quantizer(tiny_codegen(), W8A16LinearLayer, ["lm_head"])
+    model.to(torch.bfloat16)
+    layer = model.transformer.h[0].attn.qkv_proj
+    assert layer.int8_weights.dtype == torch.int8 and layer.scales.dtype == torch.bfloat16
