@@ -36,6 +36,9 @@ class Verdict:
 
     __repr__ = __str__
 
+    def _ipython_display_(self) -> None:
+        """The check has already printed this verdict; a notebook showing the returned value would repeat it."""
+
 
 def not_attempted(value: Any) -> bool:
     """Stubs return None (or ``...``) or raise NotImplementedError; all of them mean 'not attempted'."""
