@@ -15,6 +15,7 @@ from .quant import (
     quantize,
 )
 from .quantizer import QuantizationReport, Quantizer, footprint_bytes, quantize_model
+from .serialization import QuantizedFormatError, load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,9 @@ __all__ = [
     "quantize_model",
     "QuantizationReport",
     "footprint_bytes",
+    "save_quantized",
+    "load_quantized",
+    "QuantizedFormatError",
     "per_tensor_scale",
     "per_channel_scales",
     "per_group_scales",
