@@ -1,0 +1,145 @@
+"""Exercise checks of notebook 01: the reference passes, typical mistakes get their specific hint."""
+
+import pytest
+import torch
+
+from w8a16.exercises import nb01
+from w8a16.exercises._core import FAILED, NOT_ATTEMPTED, PASSED
+
+
+def _stub(*args):
+    raise NotImplementedError
+
+
+def _fails_with(check, fn, hint):
+    verdict = check(fn, quiet=True)
+    assert verdict.status == FAILED, verdict
+    assert hint in verdict.message, verdict.message
+    assert "Traceback" not in verdict.message
+
+
+# ---------------------------------------------------------------------------------------- per-channel scales
+
+
+def test_per_channel_reference_passes():
+    verdict = nb01.check_per_channel_scales(lambda w: w.float().abs().amax(dim=-1) / 127, quiet=True)
+    assert verdict and verdict.status == PASSED
+
+
+def test_per_channel_bf16_result_is_accepted():
+    assert nb01.check_per_channel_scales(lambda w: w.abs().amax(dim=-1) / 127, quiet=True)
+
+
+@pytest.mark.parametrize(
+    "wrong, hint",
+    [
+        (lambda w: w.abs().amax(-1) / 128, "divide by 127, not 128"),
+        (lambda w: w.amax(-1) / 127, "largest *magnitude*"),
+        (lambda w: w.abs().amax() / 127, "per-tensor scale"),
+        (lambda w: w.abs().amax(0) / 127, "one per column"),
+        (lambda w: w.abs().amax(-1, keepdim=True) / 127, "keepdim"),
+        (lambda w: w.abs().amax().expand(w.shape[0]) / 127, "same scale"),
+        (lambda w: w.abs().amax(-1), "divide them by 127"),
+        (lambda w: w.float().abs().amax(-1).numpy() / 127, "torch.Tensor"),
+    ],
+)
+def test_per_channel_typical_mistakes(wrong, hint):
+    _fails_with(nb01.check_per_channel_scales, wrong, hint)
+
+
+def test_per_channel_square_matrix_catches_wrong_dim():
+    """On a square matrix a column reduction has the right shape; the values must still be caught."""
+
+    def columns_when_square(w):
+        dim = 0 if w.shape[0] == w.shape[1] else -1
+        return w.float().abs().amax(dim) / 127
+
+    _fails_with(nb01.check_per_channel_scales, columns_when_square, "per *column*")
+
+
+def test_per_channel_stub_and_crash():
+    assert nb01.check_per_channel_scales(_stub, quiet=True).status == NOT_ATTEMPTED
+    assert nb01.check_per_channel_scales(lambda w: None, quiet=True).status == NOT_ATTEMPTED
+    _fails_with(nb01.check_per_channel_scales, lambda w: w.nope(), "your function raised AttributeError")
+
+
+def test_check_prints_one_line(capsys):
+    nb01.check_per_channel_scales(_stub)
+    assert capsys.readouterr().out.startswith("○ Per-channel scales: not attempted yet")
+
+
+# ------------------------------------------------------------------------------------------ per-group scales
+
+
+def _groups(w, g):
+    return w.reshape(w.shape[0], -1, g)
+
+
+def test_per_group_reference_passes():
+    assert nb01.check_per_group_scales(lambda w, g: _groups(w.float(), g).abs().amax(-1) / 127, quiet=True)
+
+
+@pytest.mark.parametrize(
+    "wrong, hint",
+    [
+        (lambda w, g: w.reshape(w.shape[0], g, -1).abs().amax(1) / 127, "strided"),
+        (lambda w, g: w.reshape(w.shape[0], g, -1).abs().amax(-1) / 127, "groups *of* group_size"),
+        (lambda w, g: w.reshape(-1, g).abs().amax(-1) / 127, "shape is"),
+        (lambda w, g: w.abs().amax(-1) / 127, "that is per-channel"),
+        (lambda w, g: _groups(w, g).amax(-1) / 127, "largest *value*"),
+        (lambda w, g: _groups(w, g).abs().amax(-1) / 128, "not 128"),
+    ],
+)
+def test_per_group_typical_mistakes(wrong, hint):
+    _fails_with(nb01.check_per_group_scales, wrong, hint)
+
+
+def test_per_group_stub_and_crash():
+    assert nb01.check_per_group_scales(_stub, quiet=True).status == NOT_ATTEMPTED
+    _fails_with(nb01.check_per_group_scales, lambda w, g: w.reshape(3, 3, 3), "your function raised RuntimeError")
+
+
+# ----------------------------------------------------------------------------------------------- quantize row
+
+
+def _reference_row(row, scale):
+    scale = torch.as_tensor(scale, dtype=torch.float32)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(row.float() / safe).clamp(-127, 127)
+    return torch.where(scale == 0, torch.zeros_like(q), q).to(torch.int8)
+
+
+def test_quantize_row_reference_passes():
+    assert nb01.check_quantize_row(_reference_row, quiet=True)
+
+
+@pytest.mark.parametrize(
+    "wrong, hint",
+    [
+        (lambda r, s: torch.floor(r.float() / s.float()).clamp(-127, 127).to(torch.int8), "floor"),
+        (lambda r, s: torch.ceil(r.float() / s.float()).clamp(-127, 127).to(torch.int8), "ceil"),
+        (lambda r, s: (r.float() / s.float()).to(torch.int8), "truncated towards zero"),
+        (lambda r, s: torch.round(r.float() / s.float()).to(torch.int8), "wrapped around"),
+        (lambda r, s: torch.round(r.float() / s.float()).clamp(-128, 127).to(torch.int8), "[-128, 127]"),
+        (lambda r, s: torch.round(r.float() / s.float()).clamp(-127, 127), "return .to(torch.int8)"),
+        (lambda r, s: torch.round(r / s).clamp(-127, 127).to(torch.int8), "Compute in fp32"),
+    ],
+)
+def test_quantize_row_typical_mistakes(wrong, hint):
+    _fails_with(nb01.check_quantize_row, wrong, hint)
+
+
+def test_quantize_row_wider_integer_dtype():
+    _fails_with(nb01.check_quantize_row, lambda r, s: torch.round(r.float() / s.float()).clamp(-127, 127).short(), "int16")
+
+
+def test_quantize_row_zero_scale_nan():
+    def nan_codes(r, s):
+        return torch.full_like(r, float("nan")) if s == 0 else _reference_row(r, s)
+
+    _fails_with(nb01.check_quantize_row, nan_codes, "0 / 0")
+
+
+def test_quantize_row_stub_and_crash():
+    assert nb01.check_quantize_row(_stub, quiet=True).status == NOT_ATTEMPTED
+    _fails_with(nb01.check_quantize_row, lambda r, s: r @ s, "your function raised RuntimeError")
