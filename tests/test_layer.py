@@ -110,6 +110,12 @@ def test_non_finite_weights_raise(bad):
         W8A16LinearLayer(8, 4).quantize(w)
 
 
+def test_scales_that_overflow_the_layer_dtype_raise():
+    w = torch.full((2, 4), 1e7)  # scale 1e7/127 does not fit in fp16 (max 65504)
+    with pytest.raises(ValueError, match="overflow torch.float16"):
+        W8A16LinearLayer(4, 2, dtype=torch.float16).quantize(w)
+
+
 def test_wrong_weight_shape_raises():
     with pytest.raises(ValueError, match=r"expected \(4, 8\)"):
         W8A16LinearLayer(8, 4).quantize(torch.randn(8, 4))

@@ -46,16 +46,17 @@ class W8A16LinearLayer(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "W8A16LinearLayer":
         """Quantize an `nn.Linear`, keeping its dtype (for scales and bias) and device."""
+        # Built on meta: quantize() replaces every buffer, so random placeholders would be wasted work.
         layer = cls(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
             dtype=linear.weight.dtype,
-            device=linear.weight.device,
+            device="meta",
         )
         layer.quantize(linear.weight)
         if linear.bias is not None:
-            layer.bias.copy_(linear.bias.detach())
+            layer.bias = linear.bias.detach().clone()
         return layer
 
     @torch.no_grad()
@@ -66,10 +67,16 @@ class W8A16LinearLayer(nn.Module):
         scale, so ``int8 * scales`` is the best dequantization the stored numbers allow. For fp32 weights this
         is bit-identical to the formula above.
         """
-        quant.check_weights(weights, (self.out_features, self.in_features))
-        scales = quant.per_channel_scales(weights).to(self.scales.dtype)
-        self.int8_weights = quant.quantize(weights, scales).to(self.int8_weights.device)
-        self.scales = scales.to(self.int8_weights.device)
+        quant.check_weights(weights, (self.out_features, self.in_features), finite=False)
+        scales = quant.per_channel_scales(weights)
+        if not torch.isfinite(scales).all():  # NaN/Inf somewhere: let the full check say where
+            quant.check_weights(weights)
+        scales = scales.to(self.scales.dtype)
+        if not torch.isfinite(scales).all():
+            raise ValueError(f"weights up to {weights.abs().max().item():.3g} need scales that overflow {scales.dtype}")
+        device = weights.device if self.int8_weights.is_meta else self.int8_weights.device
+        self.int8_weights = quant.quantize(weights, scales).to(device)
+        self.scales = scales.to(device)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``int8 * scales`` as a dense ``(out, in)`` matrix, for error analysis."""

@@ -56,15 +56,14 @@ def expand_scales(scales: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> 
 def quantize(weights: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``round(W / scale)`` as int8, computed in fp32.
 
-    A zero scale (an all-zero block) gives q = 0 instead of 0/0 = NaN, so that block dequantizes to 0.
-    The clamp only matters when the scale was rounded down to a 16-bit dtype and W/scale lands just
-    above 127; without it round() could give 128, which wraps to -128 in int8.
+    A zero scale (an all-zero block) is replaced by 1 for the division, so that block gets q = 0 instead of
+    0/0 = NaN and dequantizes to 0. The clamp only matters when the scale was rounded down to a 16-bit dtype
+    and W/scale lands just above 127; without it round() could give 128, which wraps to -128 in int8.
     """
     w = weights.detach().float()
-    s = expand_scales(scales.detach().float(), w.shape)
-    safe = torch.where(s == 0, torch.ones_like(s), s)
-    q = torch.round(w / safe).clamp_(-Q_MAX, Q_MAX)
-    return torch.where(s == 0, torch.zeros_like(q), q).to(torch.int8)
+    s = scales.detach().float()
+    safe = torch.where(s == 0, torch.ones_like(s), s)  # on the compact scales, before broadcasting
+    return torch.round(w / expand_scales(safe, w.shape)).clamp_(-Q_MAX, Q_MAX).to(torch.int8)
 
 
 def dequantize(int8_weights: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -73,14 +72,18 @@ def dequantize(int8_weights: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return (int8_weights.float() * s).to(dtype)
 
 
-def check_weights(weights: torch.Tensor, shape: tuple[int, int] | None = None) -> None:
-    """Raise ``ValueError`` for weights that cannot be quantized: wrong rank/shape/dtype, NaN or Inf."""
+def check_weights(weights: torch.Tensor, shape: tuple[int, int] | None = None, *, finite: bool = True) -> None:
+    """Raise ``ValueError`` for weights that cannot be quantized: wrong rank/shape/dtype, NaN or Inf.
+
+    ``finite=False`` skips the full pass over the values, for callers that detect non-finite rows more
+    cheaply (a NaN or Inf anywhere in a row makes that row's absmax scale non-finite).
+    """
     _check_matrix(weights)
     if shape is not None and tuple(weights.shape) != tuple(shape):
         raise ValueError(f"weight has shape {tuple(weights.shape)}, expected {tuple(shape)} (out_features, in_features)")
     if not weights.is_floating_point():
         raise ValueError(f"weight must be floating point, got {weights.dtype}")
-    if weights.device.type != "meta" and not torch.isfinite(weights).all():
+    if finite and weights.device.type != "meta" and not torch.isfinite(weights).all():
         bad = (~torch.isfinite(weights)).nonzero()
         row, col = bad[0].tolist()
         kind = "NaN" if torch.isnan(weights[row, col]) else "Inf"
