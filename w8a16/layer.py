@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import quant
-from .kernels import w8a16_linear
+from .kernels import aligned_copy, is_aligned, w8a16_linear
 
 
 class W8A16LinearLayer(nn.Module):
@@ -69,10 +69,10 @@ class W8A16LinearLayer(nn.Module):
         """
         quant.check_weights(weights, (self.out_features, self.in_features), finite=False)
         scales = quant.per_channel_scales(weights)
-        if not torch.isfinite(scales).all():  # NaN/Inf somewhere: let the full check say where
+        if not weights.is_meta and not torch.isfinite(scales).all():  # NaN/Inf somewhere: say where
             quant.check_weights(weights)
         scales = scales.to(self.scales.dtype)
-        if not torch.isfinite(scales).all():
+        if not weights.is_meta and not torch.isfinite(scales).all():
             raise ValueError(f"weights up to {weights.abs().max().item():.3g} need scales that overflow {scales.dtype}")
         device = weights.device if self.int8_weights.is_meta else self.int8_weights.device
         self.int8_weights = quant.quantize(weights, scales).to(device)
@@ -90,6 +90,10 @@ class W8A16LinearLayer(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"W8A16LinearLayer expects a floating-point input, got {x.dtype}")
+        if self.int8_weights.device.type == "cpu" and not is_aligned(self.int8_weights):
+            # Once, not per call: the fast CPU kernel needs a contiguous, 64-byte aligned weight, and tensors
+            # loaded from a safetensors file are often only 8-byte aligned. Same values, so state_dict agrees.
+            self.int8_weights = aligned_copy(self.int8_weights)
         return w8a16_linear(x, self.int8_weights, self.scales, self.bias)
 
     def extra_repr(self) -> str:
