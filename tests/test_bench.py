@@ -1,0 +1,42 @@
+"""w8a16.bench: rows have the documented columns, and the CLI's --quick mode runs (no timing assertions)."""
+
+import subprocess
+import sys
+
+import torch
+
+from w8a16 import bench
+
+
+def test_layer_rows_columns_and_paths():
+    rows = bench.layer_rows(
+        dtypes=("bf16", "fp32"), ms=(1, 3), shapes=((64, 32),), repeats=1, rotate_bytes=1, third_party=False
+    )
+    assert {r["impl"] for r in rows} == {"dense", "seed-naive", "w8a16"}
+    assert len(rows) == 2 * 2 * 3
+    for r in rows:
+        assert r["ms"] > 0 and r["vs_dense"] > 0 and r["weight_GBps"] > 0
+    assert {r["path"] for r in rows if r["impl"] == "w8a16"} <= {"int8pack", "tiled", "reference"}
+
+
+def test_third_party_status_says_installed_or_not():
+    assert set(bench.third_party_status().values()) <= {"installed", "not installed"}
+
+
+def test_gpu_note_is_explicit():
+    note = bench.gpu_note("cpu")
+    assert "GPU" in note
+    if not torch.cuda.is_available():
+        assert note.startswith("No GPU was measured")
+
+
+def test_format_table():
+    text = bench.format_table([{"a": 1.23456, "b": "x"}], ["a", "b"])
+    assert "1.23" in text and "x" in text
+
+
+def test_cli_quick_runs():
+    out = subprocess.run([sys.executable, "-m", "w8a16.bench", "--quick"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for needle in ("machine:", "GPU", "stream-read", "seed-naive", "w8a16", "tokens_per_s", "random weights"):
+        assert needle in out.stdout

@@ -1,0 +1,260 @@
+"""kernels.w8a16_linear: every path against the dequantized reference, on every shape that can go wrong."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from w8a16 import W8A16LinearLayer, kernels
+from w8a16.kernels import PATHS, w8a16_linear
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Relative tolerance vs an fp64 reference on the same int8 weights and scales (scaled by max|ref|).
+# fp32: ~1e-6 rounding; fp16/bf16: the activation dtype's own rounding of weights and outputs.
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+SHAPES = [(64, 32), (48, 5), (17, 3), (1000, 24), (4095, 7), (1024, 200)]  # (in, out)
+LEADING = [(), (1,), (3,), (2, 5)]
+
+
+def make_args(n_in, n_out, dtype, device, bias=True):
+    w = torch.randint(-127, 128, (n_out, n_in), dtype=torch.int8, device=device)
+    s = (torch.rand(n_out, device=device) / 50 + 1e-3).to(dtype)
+    b = torch.randn(n_out, device=device).to(dtype) if bias else None
+    return w, s, b
+
+
+def fp64_reference(x, w, s, b):
+    y = F.linear(x.double(), w.double() * s.double()[:, None])
+    return y if b is None else y + b.double()
+
+
+def assert_close(out, ref, dtype):
+    assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
+    assert torch.isfinite(out).all()
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    torch.testing.assert_close(out.double(), ref, rtol=TOL[dtype], atol=TOL[dtype] * scale + 1e-6)
+
+
+def paths_for(x, w, s):
+    return kernels.supported_paths(x, w, s)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("leading", LEADING)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_path_matches_reference(dtype, shape, leading, bias, device):
+    w, s, b = make_args(*shape, dtype, device, bias)
+    x = torch.randn(*leading, shape[0], device=device).to(dtype)
+    ref = fp64_reference(x, w, s, b)
+    for path in paths_for(x, w, s):
+        assert_close(w8a16_linear(x, w, s, b, path=path), ref, dtype)
+    assert_close(w8a16_linear(x, w, s, b), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 17, 64, 65, 300])
+def test_dispatch_across_batch_sizes(dtype, m, device):
+    w, s, b = make_args(256, 96, dtype, device)
+    x = torch.randn(m, 256, device=device).to(dtype)
+    ref = fp64_reference(x, w, s, b)
+    assert kernels.choose_path(x, w, s) in paths_for(x, w, s)
+    for path in paths_for(x, w, s):
+        assert_close(w8a16_linear(x, w, s, b, path=path), ref, dtype)
+
+
+def test_int8pack_is_only_offered_where_it_is_correct():
+    x = torch.randn(2, 17, dtype=torch.bfloat16)
+    w, s, _ = make_args(17, 8, torch.bfloat16, "cpu")
+    assert "int8pack" not in paths_for(x, w, s)
+    with pytest.raises(ValueError, match="not supported"):
+        w8a16_linear(x, w, s, path="int8pack")
+    assert kernels.choose_path(x, w, s) != "int8pack"
+
+
+def test_unknown_path_raises():
+    w, s, _ = make_args(32, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError):
+        w8a16_linear(torch.randn(2, 32), w, s, path="fastest")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_inputs(dtype, device):
+    w, s, b = make_args(64, 48, dtype, device)
+    base = torch.randn(5, 128, device=device).to(dtype)
+    for x in (base[:, ::2], base.t().contiguous().t()[:, :64], torch.randn(64, 3, device=device).to(dtype).t()):
+        ref = fp64_reference(x, w, s, b)
+        for path in paths_for(x, w, s):
+            assert_close(w8a16_linear(x, w, s, b, path=path), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_weight_and_scales(dtype, device):
+    w, s, b = make_args(64, 96, dtype, device)
+    w_view, s_view, b_view = w[::2], s[::2], b[::2]  # every other output row: strided views
+    x = torch.randn(3, 64, device=device).to(dtype)
+    ref = fp64_reference(x, w_view, s_view, b_view)
+    for path in paths_for(x, w_view, s_view):
+        assert_close(w8a16_linear(x, w_view, s_view, b_view, path=path), ref, dtype)
+
+
+@pytest.mark.parametrize("offset", [1, 8, 16, 32])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_misaligned_weight_and_activations(offset, dtype):
+    """_weight_int8pack_mm segfaults on misaligned data: int8pack must copy, never crash."""
+    n_out, n_in = 40, 64
+    storage = torch.randint(-127, 128, (n_out * n_in + 64,), dtype=torch.int8)
+    w = storage[offset : offset + n_out * n_in].view(n_out, n_in)
+    assert w.data_ptr() % 64 != 0
+    x_storage = torch.randn(3 * n_in + 64).to(dtype)
+    x = x_storage[offset : offset + 3 * n_in].view(3, n_in)  # 2-4 byte offsets: the segfault case
+    s = (torch.rand(n_out) / 50).to(dtype)
+    ref = fp64_reference(x, w, s, None)
+    assert "int8pack" in paths_for(x, w, s)
+    for path in paths_for(x, w, s):
+        assert_close(w8a16_linear(x, w, s, path=path), ref, dtype)
+
+
+def test_weight_loaded_from_safetensors(tmp_path):
+    """Tensors read from a safetensors file are often only 8-byte aligned."""
+    from safetensors.torch import load_file, save_file
+
+    w, s, b = make_args(4096, 8, torch.bfloat16, "cpu")
+    save_file({"a": torch.ones(3, dtype=torch.int8), "w": w}, tmp_path / "w.safetensors")
+    loaded = load_file(tmp_path / "w.safetensors")["w"]
+    x = torch.randn(2, 4096, dtype=torch.bfloat16)
+    ref = fp64_reference(x, w, s, b)
+    for path in paths_for(x, loaded, s):
+        assert_close(w8a16_linear(x, loaded, s, b, path=path), ref, torch.bfloat16)
+
+
+def test_layer_realigns_a_misaligned_weight_once_and_keeps_its_state():
+    layer = W8A16LinearLayer(64, 40, bias=True, dtype=torch.bfloat16)
+    storage = torch.randint(-127, 128, (40 * 64 + 8,), dtype=torch.int8)
+    layer.int8_weights = storage[8:].view(40, 64)
+    before = layer.int8_weights.clone()
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    ref = fp64_reference(x, before, layer.scales, layer.bias)
+    assert_close(layer(x), ref, torch.bfloat16)
+    assert kernels.is_aligned(layer.int8_weights)
+    assert torch.equal(layer.state_dict()["int8_weights"], before)
+    ptr = layer.int8_weights.data_ptr()
+    layer(x)
+    assert layer.int8_weights.data_ptr() == ptr  # realigned once, not on every call
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_rows(path, dtype):
+    w, s, b = make_args(64, 8, dtype, "cpu")
+    x = torch.randn(0, 64).to(dtype)
+    out = w8a16_linear(x, w, s, b, path=path)
+    assert out.shape == (0, 8) and out.dtype == dtype
+    x3 = torch.randn(2, 0, 64).to(dtype)
+    assert w8a16_linear(x3, w, s, b).shape == (2, 0, 8)
+
+
+def test_all_zero_weight_rows_give_bias():
+    w, s, b = make_args(64, 8, torch.float32, "cpu")
+    w[3] = 0
+    s[3] = 0
+    x = torch.randn(4, 64)
+    for path in paths_for(x, w, s):
+        assert torch.equal(w8a16_linear(x, w, s, b, path=path)[:, 3], b[3].expand(4))
+
+
+@pytest.mark.parametrize("m", [1, 8, 300])
+def test_fp16_outliers_stay_finite_and_accurate(m, device):
+    """A few of 4096 channels at a few hundred: Σ x·q overflows fp16, Σ x·(q·s) does not."""
+    w, s, b = make_args(4096, 64, torch.float16, device)
+    s = (torch.rand(64, device=device) / 127 * 0.05 + 1e-4).half()  # |W| ≤ 0.05, as in a trained layer
+    x = torch.randn(m, 4096, device=device)
+    x[:, :6] = 400.0
+    x16 = x.half()
+    assert not torch.isfinite(F.linear(x16, w.half())).all() or device.type != "cpu"  # the un-scaled sum overflows
+    ref = fp64_reference(x16, w, s, b)
+    for path in paths_for(x16, w, s):
+        out = w8a16_linear(x16, w, s, b, path=path)
+        assert torch.isfinite(out).all(), path
+        torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_fp32_is_as_accurate_as_fp32():
+    """The fp32 paths keep fp32 precision (no silent bf16 anywhere)."""
+    w, s, b = make_args(4096, 64, torch.float32, "cpu")
+    x = torch.randn(1, 4096)
+    ref = fp64_reference(x, w, s, b)
+    for path in paths_for(x, w, s):
+        err = (w8a16_linear(x, w, s, b, path=path).double() - ref).abs().max() / ref.abs().max()
+        assert err < 1e-5, (path, err.item())
+
+
+def test_scales_and_bias_of_another_dtype_are_cast():
+    w, s, b = make_args(64, 16, torch.float32, "cpu")
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    ref = fp64_reference(x, w, s.bfloat16(), b.bfloat16())
+    for path in paths_for(x, w, s):
+        assert_close(w8a16_linear(x, w, s, b, path=path), ref, torch.bfloat16)
+
+
+def test_tiny_tiles_cover_every_row():
+    w, s, b = make_args(64, 37, torch.float32, "cpu")
+    x = torch.randn(5, 64)
+    out = kernels.tiled_linear(x, w, s, b, tile_bytes=64 * 4 * 5)  # 5 rows per tile, 37 = 7·5 + 2
+    assert_close(out, fp64_reference(x, w, s, b), torch.float32)
+
+
+def test_aligned_copy():
+    t = torch.arange(100, dtype=torch.int8)[3:].view(97)
+    c = kernels.aligned_copy(t)
+    assert kernels.is_aligned(c) and torch.equal(c, t)
+    assert not kernels.is_aligned(t)
+
+
+def test_cuda_dispatch_uses_dequantize_then_gemm(device):
+    w, s, b = make_args(64, 8, torch.float16, device)
+    x = torch.randn(2, 64, device=device).half()
+    expected = "reference" if device.type == "cuda" else kernels.choose_path(x, w, s)
+    assert kernels.choose_path(x, w, s) == expected
+    assert_close(w8a16_linear(x, w, s, b), fp64_reference(x, w, s, b), torch.float16)
+
+
+def test_autograd_through_x_uses_the_differentiable_path():
+    w, s, b = make_args(64, 8, torch.bfloat16, "cpu")
+    x = torch.randn(2, 64, dtype=torch.bfloat16, requires_grad=True)
+    assert kernels.supported_paths(x, w, s) == ["reference"] and kernels.choose_path(x, w, s) == "reference"
+    w8a16_linear(x, w, s, b).float().sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    with torch.no_grad():
+        assert kernels.choose_path(x, w, s) == "int8pack"
+
+
+def test_realigned_layer_round_trips_state_dict_and_to():
+    layer = W8A16LinearLayer(64, 40, bias=False, dtype=torch.bfloat16)
+    storage = torch.randint(-127, 128, (40 * 64 + 8,), dtype=torch.int8)
+    layer.int8_weights = storage[8:].view(40, 64)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    out = layer(x)  # realigns
+    other = W8A16LinearLayer(64, 40, bias=False, dtype=torch.bfloat16)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other(x), out)
+    half = layer.to(torch.float16)
+    assert half.int8_weights.dtype == torch.int8 and half(x.half()).dtype == torch.float16
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(scales=torch.rand(8, 1)),  # would broadcast to (8, 8, 64) in a naive dequantize
+        dict(scales=torch.rand(7)),
+        dict(bias=torch.rand(9)),
+        dict(w=torch.randint(-127, 128, (8, 64), dtype=torch.int16)),
+        dict(x=torch.randn(2, 63)),
+        dict(x=torch.randint(0, 3, (2, 64))),
+    ],
+)
+def test_bad_arguments_raise(bad):
+    w = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+    args = dict(x=torch.randn(2, 64), w=w, scales=torch.rand(8), bias=None)
+    args.update(bad)
+    with pytest.raises(ValueError):
+        w8a16_linear(args["x"], args["w"], args["scales"], args["bias"])
