@@ -225,7 +225,7 @@ def test_autograd_through_x_uses_the_differentiable_path():
     w8a16_linear(x, w, s, b).float().sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
     with torch.no_grad():
-        assert kernels.choose_path(x, w, s) == "int8pack"
+        assert kernels.choose_path(x, w, s) != "reference"
 
 
 def test_realigned_layer_round_trips_state_dict_and_to():
@@ -258,3 +258,29 @@ def test_bad_arguments_raise(bad):
     args.update(bad)
     with pytest.raises(ValueError):
         w8a16_linear(args["x"], args["w"], args["scales"], args["bias"])
+
+
+def test_native_kernel_builds_here_and_is_chosen_for_decode():
+    """This machine has a C compiler, so decode-sized calls must take the native path (or say why not)."""
+    from w8a16 import native
+
+    assert native.library() is not None, native.unavailable_reason()
+    w, s, b = make_args(4095, 33, torch.float32, "cpu")  # odd in_features: the C tail loop
+    x = torch.randn(1, 4095)
+    assert kernels.choose_path(x, w, s) == "native"
+    assert kernels.choose_path(torch.randn(kernels.NATIVE_MAX_M + 1, 4095), w, s) != "native"
+    assert_close(w8a16_linear(x, w, s, b), fp64_reference(x, w, s, b), torch.float32)
+
+
+def test_native_kernel_off_falls_back(monkeypatch):
+    from w8a16 import native
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("W8A16_NATIVE", "0")
+    w, s, b = make_args(64, 8, torch.bfloat16, "cpu")
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    assert "native" not in kernels.supported_paths(x, w, s)
+    assert native.unavailable_reason() == "switched off by W8A16_NATIVE=0"
+    assert_close(w8a16_linear(x, w, s, b), fp64_reference(x, w, s, b), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="W8A16_NATIVE=0"):
+        native.gemv(x, w, s, b)

@@ -183,7 +183,7 @@ def layer_rows(
                     for label, mods in extra.items():
                         if not isinstance(mods, str):
                             cands[label] = rotating(lambda mod: mod(x), mods)
-                    res = compare(cands, repeats=repeats, warmup=1, device=device)
+                    res = compare(cands, repeats=repeats, warmup=1, device=device, min_time_s=0.2)
                 med = res.median_s
                 path = kernels.choose_path(x, layers[0].int8_weights, layers[0].scales)
                 for impl, secs in med.items():

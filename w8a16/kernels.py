@@ -1,7 +1,11 @@
 """The W8A16 matmul: ``y = x @ (int8_weights * scales[:, None]).T + bias``, and how to make it fast.
 
-`w8a16_linear` is the one entry point the layer calls. It picks one of three paths per call:
+`w8a16_linear` is the one entry point the layer calls. It picks one of four paths per call:
 
+``native``
+    A short C GEMV (``csrc/gemv.c``, built on first use by `native.py`) that converts int8 to fp32 in
+    registers and accumulates in fp32: the weights are read once, as int8, at memory speed. The path for every
+    dtype at small batch (decode) on a CPU with a C compiler. Exact fp32 maths, so fp32 inputs keep fp32 accuracy.
 ``reference``
     Dequantize the whole weight to ``x.dtype``, then ``F.linear``. Always correct, any device. On CUDA it *is*
     the fast path (one elementwise kernel + cuBLAS). On a CPU it is slow: most of its time goes into allocating
@@ -21,28 +25,24 @@ Accuracy: every path accumulates in fp32 and rounds to ``x.dtype`` once. fp16 st
 outliers because nothing is summed in fp16: the reference scales the *weights* before the matmul (never the
 un-scaled ``Σ x·q``, which overflows fp16's 65504 as the seed did), and the tiled path sums in fp32.
 
-Dispatch on a CPU. Numbers: ``python -m w8a16.bench`` on a shared 2-core AVX2 EPYC (torch 2.13), one 4096×4096
-layer, weights rotated past the L3, medians of alternated runs, speed vs ``nn.Linear`` of the same dtype, over
-several runs whose load differed (other jobs on the same 2 cores moved results by up to 3×; rerun for yours):
+Dispatch on a CPU, from ``python -m w8a16.bench`` on a 2-core AVX2 EPYC (torch 2.13): one 4096×4096 layer,
+weights rotated past the L3, medians of alternated runs, speed vs ``nn.Linear`` of the same dtype (the seed's
+naive forward in brackets). Rerun it for your machine; on a busy machine the ratios move by up to 2×.
 
-    M      bf16: ours   seed     fp32: ours   seed     fp16: ours   seed
-    1      1.0-1.9×     0.12     0.25-0.45×   0.12     0.2×         0.10    (int8pack)
-    16     2.2-3.0×     0.56     0.6-2.4×     0.44     0.45-2.7×    0.43
-    64     2.4-2.9×     0.82     0.8-1.6×     0.59     2.7-3.3×     0.70
-    256    3.1-5.3×     0.96     0.9-1.4×     0.73     4.3-4.6×     0.93
+    M      bf16                      fp32                    fp16
+    1      1.87× native   (0.11)     2.85× native  (0.12)    1.71× native  (0.09)
+    16     2.69× int8pack (0.55)     1.68× tiled   (0.37)    1.51× tiled   (0.45)
+    64     3.48× int8pack (0.87)     1.73× tiled   (0.53)    3.41× tiled   (0.76)
+    256    6.35× tiled    (0.96)     1.37× tiled   (0.71)    4.89× tiled   (0.95)
 
-* ``int8pack``: one kernel call that reads int8 directly. bf16 up to M=128 (bf16 GEMMs are slow on AVX2, with
-  no native bf16 FMA, so it wins at every M up to there); fp16/fp32 only at M=1, where its scalar loop is slower
-  than dense but 2.3-3.7× faster than the seed in every measurement, busy machine or not.
+* ``native`` up to `NATIVE_MAX_M` rows: reads the int8 weight once at ~65 % of the measured stream bandwidth.
+* ``int8pack`` for bf16 up to M=128: bf16 GEMMs are slow on AVX2 (no native bf16 FMA), and it beats tiled
+  there. For fp16/fp32 it is a scalar loop and is only a fallback at M=1 where no C compiler is available.
 * ``tiled`` for the rest: an fp32 GEMM per tile is ~5× faster than a bf16 GEMM on AVX2.
-* fp32 M=1 has no exact path that reliably beats dense fp32 here: tiled (int8→fp32 conversion + gemv) measured
-  0.4-1.3× on a quiet machine but *slower than the seed* under load (many parallel regions, below). Splitting
-  x into bf16 hi+lo rows for int8pack measured 2-2.6× but rounds every output to bf16 (2e-3 relative error
-  instead of 8e-7), so fp32 inputs never take it.
 * Tiles: 4 MiB for M=1 (a gemv: memory bound, stay in cache), 16 MiB for M ≥ 2. Each tile costs two parallel
-  regions, and on a busy machine each region can wait for a descheduled OpenMP thread. With another 2-thread
-  job running, fp32 M=16 took 226 ms with 4 MiB tiles, 89 ms with 16 MiB, 150 ms for the seed (quiet: 4 MiB was
-  1.5× dense, 16 MiB 0.9×): big tiles keep the "never slower than the seed" promise under load.
+  regions, and on a busy machine each region can wait for a descheduled OpenMP thread; big tiles kept tiled
+  faster than the seed under load (fp32 M=16 with another 2-thread job running: 226 ms with 4 MiB tiles,
+  89 ms with 16 MiB, 150 ms for the seed).
 """
 
 from __future__ import annotations
@@ -52,13 +52,20 @@ import threading
 import torch
 import torch.nn.functional as F
 
-PATHS = ("reference", "int8pack", "tiled")
+from . import native
+
+PATHS = ("reference", "native", "int8pack", "tiled")
 
 ALIGNMENT = 64  # bytes; _weight_int8pack_mm segfaults on less (seen on activations at a 4-byte offset)
 PACK_K_MULTIPLE = 16  # _weight_int8pack_mm returns garbage when in_features is not a multiple of 16
 # fp32 bytes per tile. M=1 is a gemv, memory bound: 4 MiB tiles stay in cache. M ≥ 2 is a GEMM: 16 MiB tiles mean
 # 4× fewer parallel regions, which under load mattered more than cache (see the docstring).
 TILE_BYTES = {"gemv": 4 << 20, "gemm": 16 << 20}
+
+# Largest batch for which the CPU dispatch uses the native GEMV. Measured (4096×4096, weights rotated past the
+# cache, 2 idle cores): vs dense of the same dtype, M=1 bf16 1.9× / fp32 4.1×, M=4 bf16 2.3× / fp32 6.5×; at M=16
+# int8pack (bf16) and tiled (fp32) catch up, since each weight row is then reused from cache by many rows of x.
+NATIVE_MAX_M = 8
 
 # Largest batch (M = rows of x) for which the CPU dispatch uses int8pack, per activation dtype; tiled above.
 # fp16/fp32 only at M=1: there int8pack is a scalar loop whose cost grows with M (see the docstring).
@@ -131,6 +138,28 @@ def int8pack_linear(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# native: the C GEMV of native.py (int8 read once, fp32 accumulation)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def native_supported(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether the C kernel is built here and these are CPU tensors it handles (any shape, any alignment)."""
+    return (
+        x.device.type == int8_weights.device.type == scales.device.type == "cpu"
+        and int8_weights.dtype == torch.int8
+        and native.library() is not None
+    )
+
+
+def native_linear(
+    x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The C GEMV on any leading shape; fp32 inside, rounded to ``x.dtype`` once."""
+    y = native.gemv(x.reshape(-1, x.shape[-1]), int8_weights, scales, bias)
+    return y.reshape(*x.shape[:-1], int8_weights.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # tiled: dequantize into a reused cache-sized buffer, one block of output rows at a time
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -194,6 +223,8 @@ def supported_paths(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.T
     if _needs_grad(x, scales):
         return ["reference"]  # the fast paths write into out= buffers, which autograd cannot follow
     paths = ["reference", "tiled"]
+    if native_supported(x, int8_weights, scales):
+        paths.append("native")
     if int8pack_supported(x, int8_weights, scales):
         paths.append("int8pack")
     return paths
@@ -212,6 +243,8 @@ def choose_path(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tenso
     m = x.numel() // max(1, x.shape[-1])
     if m == 0 or x.shape[-1] == 0 or int8_weights.shape[0] == 0:
         return "reference"  # empty: nothing to speed up, and the fast kernels are not tested on it
+    if m <= NATIVE_MAX_M and native_supported(x, int8_weights, scales):
+        return "native"  # decode: int8 read once at memory speed, fp32 accumulation, any dtype and shape
     if m <= PACK_MAX_M.get(x.dtype, 0) and int8pack_supported(x, int8_weights, scales):
         return "int8pack"  # one kernel call, reads int8 directly: bf16 up to M=128, fp16/fp32 at M=1
     return "tiled"  # everything else on a CPU: fp32 GEMM per tile, never a full-size temporary
@@ -228,7 +261,7 @@ def _check_args(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: to
             raise ValueError(f"{name} must be floating point of shape ({w.shape[0]},), got {t.dtype} {tuple(t.shape)}")
 
 
-_IMPLS = {"reference": reference_linear, "int8pack": int8pack_linear, "tiled": tiled_linear}
+_IMPLS = {"reference": reference_linear, "native": native_linear, "int8pack": int8pack_linear, "tiled": tiled_linear}
 
 
 def w8a16_linear(

@@ -1,0 +1,108 @@
+"""The C GEMV kernel (``csrc/gemv.c``), compiled on first use with the machine's C compiler.
+
+Why compile at run time: the kernel is ~60 lines of C with no dependency on PyTorch's headers, so the system
+``cc`` builds it in about a second, for the exact CPU it runs on (``-march=native``), with no build step at
+install time and no wheel per platform. It is called through `ctypes` on the tensors' data pointers.
+
+Where there is no compiler, no OpenMP or another failure, `library()` returns None once and for all and the
+dispatcher in `kernels.py` uses the pure-PyTorch paths. ``W8A16_NATIVE=0`` switches it off. The build goes
+to the temp directory, keyed by a hash of source, flags and compiler, so it is built once per machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the loaded library or None once tried; "error": why not
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, building it the first time; None when it cannot be built here."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                _state["lib"] = _build_and_load()
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def unavailable_reason() -> str | None:
+    """Why `library()` is None (for reports), or None when the kernel is in use."""
+    return None if library() is not None else str(_state.get("error"))
+
+
+def _build_and_load() -> ctypes.CDLL | None:
+    if os.environ.get("W8A16_NATIVE", "1") == "0":
+        _state["error"] = "switched off by W8A16_NATIVE=0"
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        _state["error"] = "no C compiler on PATH"
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / f"w8a16-native-{os.getuid() if hasattr(os, 'getuid') else 0}" / f"gemv-{key}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(f".{os.getpid()}.tmp")
+            subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE)], check=True, capture_output=True, timeout=120)
+            os.replace(partial, target)  # atomic: a concurrent process sees all of it or nothing
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as err:
+        stderr = getattr(err, "stderr", b"") or b""
+        _state["error"] = f"could not build {SOURCE.name}: {err} {stderr.decode(errors='replace')[:300]}".strip()
+        return None
+    lib.w8a16_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 4
+    lib.w8a16_gemv.restype = ctypes.c_int
+    return lib
+
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the C code reads and writes; fp16 goes through fp32
+
+
+def gemv(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ (int8_weights * scales[:, None]).T + bias`` for a CPU ``x`` of shape ``(m, k)``, in ``x.dtype``.
+
+    Accumulates in fp32 and rounds once. Every argument is brought to exactly the layout the C code assumes
+    (int8 / fp32 / bf16, contiguous, right shapes, one dtype for scales and bias) before its pointer is taken:
+    the kernel itself checks nothing.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native kernel is not available: {unavailable_reason()}")
+    n, k = int8_weights.shape
+    if x.dim() != 2 or x.shape[1] != k or scales.shape != (n,) or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"native gemv: shapes x{tuple(x.shape)} w{tuple(int8_weights.shape)} do not fit")
+    tensors = (x, int8_weights, scales) if bias is None else (x, int8_weights, scales, bias)
+    if any(t.device.type != "cpu" for t in tensors) or int8_weights.dtype != torch.int8:
+        raise ValueError("native gemv: needs CPU tensors and an int8 weight")
+    if not (x.is_floating_point() and scales.is_floating_point() and (bias is None or bias.is_floating_point())):
+        raise ValueError("native gemv: x, scales and bias must be floating point")
+    io_dtype = x.dtype if x.dtype in _NATIVE_DTYPES else torch.float32
+    params_dtype = scales.dtype if scales.dtype in _NATIVE_DTYPES and (bias is None or bias.dtype == scales.dtype) else torch.float32
+    xc = x.to(io_dtype).contiguous()
+    w = int8_weights.contiguous()
+    s = scales.to(params_dtype).contiguous()
+    b = None if bias is None else bias.to(params_dtype).contiguous()
+    y = torch.empty(xc.shape[0], n, dtype=io_dtype)
+    status = lib.w8a16_gemv(
+        w.data_ptr(), xc.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+        xc.shape[0], n, k, torch.get_num_threads(),
+        io_dtype == torch.bfloat16, params_dtype == torch.bfloat16, io_dtype == torch.bfloat16,
+    )
+    if status < 0:
+        raise MemoryError("native gemv: could not allocate the widened activations")
+    return y if y.dtype == x.dtype else y.to(x.dtype)
