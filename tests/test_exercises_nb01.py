@@ -2,21 +2,10 @@
 
 import pytest
 import torch
+from exercise_helpers import fails_with, stub
 
 from w8a16.exercises import nb01
-from w8a16.exercises._core import FAILED, NOT_ATTEMPTED, PASSED
-
-
-def _stub(*args):
-    raise NotImplementedError
-
-
-def _fails_with(check, fn, hint):
-    verdict = check(fn, quiet=True)
-    assert verdict.status == FAILED, verdict
-    assert hint in verdict.message, verdict.message
-    assert "Traceback" not in verdict.message
-
+from w8a16.exercises._core import NOT_ATTEMPTED, PASSED
 
 # ---------------------------------------------------------------------------------------- per-channel scales
 
@@ -44,7 +33,7 @@ def test_per_channel_bf16_result_is_accepted():
     ],
 )
 def test_per_channel_typical_mistakes(wrong, hint):
-    _fails_with(nb01.check_per_channel_scales, wrong, hint)
+    fails_with(nb01.check_per_channel_scales, wrong, hint)
 
 
 def test_per_channel_square_matrix_catches_wrong_dim():
@@ -54,17 +43,17 @@ def test_per_channel_square_matrix_catches_wrong_dim():
         dim = 0 if w.shape[0] == w.shape[1] else -1
         return w.float().abs().amax(dim) / 127
 
-    _fails_with(nb01.check_per_channel_scales, columns_when_square, "per *column*")
+    fails_with(nb01.check_per_channel_scales, columns_when_square, "per *column*")
 
 
-def test_per_channel_stub_and_crash():
-    assert nb01.check_per_channel_scales(_stub, quiet=True).status == NOT_ATTEMPTED
+def test_per_channelstub_and_crash():
+    assert nb01.check_per_channel_scales(stub, quiet=True).status == NOT_ATTEMPTED
     assert nb01.check_per_channel_scales(lambda w: None, quiet=True).status == NOT_ATTEMPTED
-    _fails_with(nb01.check_per_channel_scales, lambda w: w.nope(), "your function raised AttributeError")
+    fails_with(nb01.check_per_channel_scales, lambda w: w.nope(), "your function raised AttributeError")
 
 
 def test_check_prints_one_line(capsys):
-    nb01.check_per_channel_scales(_stub)
+    nb01.check_per_channel_scales(stub)
     assert capsys.readouterr().out.startswith("○ Per-channel scales: not attempted yet")
 
 
@@ -91,12 +80,12 @@ def test_per_group_reference_passes():
     ],
 )
 def test_per_group_typical_mistakes(wrong, hint):
-    _fails_with(nb01.check_per_group_scales, wrong, hint)
+    fails_with(nb01.check_per_group_scales, wrong, hint)
 
 
-def test_per_group_stub_and_crash():
-    assert nb01.check_per_group_scales(_stub, quiet=True).status == NOT_ATTEMPTED
-    _fails_with(nb01.check_per_group_scales, lambda w, g: w.reshape(3, 3, 3), "your function raised RuntimeError")
+def test_per_groupstub_and_crash():
+    assert nb01.check_per_group_scales(stub, quiet=True).status == NOT_ATTEMPTED
+    fails_with(nb01.check_per_group_scales, lambda w, g: w.reshape(3, 3, 3), "your function raised RuntimeError")
 
 
 # ----------------------------------------------------------------------------------------------- quantize row
@@ -126,20 +115,20 @@ def test_quantize_row_reference_passes():
     ],
 )
 def test_quantize_row_typical_mistakes(wrong, hint):
-    _fails_with(nb01.check_quantize_row, wrong, hint)
+    fails_with(nb01.check_quantize_row, wrong, hint)
 
 
 def test_quantize_row_wider_integer_dtype():
-    _fails_with(nb01.check_quantize_row, lambda r, s: torch.round(r.float() / s.float()).clamp(-127, 127).short(), "int16")
+    fails_with(nb01.check_quantize_row, lambda r, s: torch.round(r.float() / s.float()).clamp(-127, 127).short(), "int16")
 
 
 def test_quantize_row_zero_scale_nan():
     def nan_codes(r, s):
         return torch.full_like(r, float("nan")) if s == 0 else _reference_row(r, s)
 
-    _fails_with(nb01.check_quantize_row, nan_codes, "0 / 0")
+    fails_with(nb01.check_quantize_row, nan_codes, "0 / 0")
 
 
-def test_quantize_row_stub_and_crash():
-    assert nb01.check_quantize_row(_stub, quiet=True).status == NOT_ATTEMPTED
-    _fails_with(nb01.check_quantize_row, lambda r, s: r @ s, "your function raised RuntimeError")
+def test_quantize_rowstub_and_crash():
+    assert nb01.check_quantize_row(stub, quiet=True).status == NOT_ATTEMPTED
+    fails_with(nb01.check_quantize_row, lambda r, s: r @ s, "your function raised RuntimeError")

@@ -4,21 +4,11 @@ import math
 
 import pytest
 import torch
+from exercise_helpers import fails_with, stub
 
 from w8a16 import quant
 from w8a16.exercises import nb02
-from w8a16.exercises._core import FAILED, NOT_ATTEMPTED
-
-
-def _stub(*args):
-    raise NotImplementedError
-
-
-def _fails_with(check, fn, hint):
-    verdict = check(fn, quiet=True)
-    assert verdict.status == FAILED, verdict
-    assert hint in verdict.message, verdict.message
-    assert "Traceback" not in verdict.message
+from w8a16.exercises._core import NOT_ATTEMPTED
 
 
 def _error(w, scales=None, dtype=torch.float32):
@@ -92,12 +82,12 @@ def _per_tensor(w):
     ],
 )
 def test_bound_typical_mistakes(wrong, hint):
-    _fails_with(nb02.check_max_error_over_scale, wrong, hint)
+    fails_with(nb02.check_max_error_over_scale, wrong, hint)
 
 
-def test_bound_stub_and_crash():
-    assert nb02.check_max_error_over_scale(_stub, quiet=True).status == NOT_ATTEMPTED
-    _fails_with(nb02.check_max_error_over_scale, lambda w: 1 / 0, "your function raised ZeroDivisionError")
+def test_boundstub_and_crash():
+    assert nb02.check_max_error_over_scale(stub, quiet=True).status == NOT_ATTEMPTED
+    fails_with(nb02.check_max_error_over_scale, lambda w: 1 / 0, "your function raised ZeroDivisionError")
 
 
 # --------------------------------------------------------------------------------------------- expected RMS
@@ -124,17 +114,17 @@ def test_rms_equivalent_forms_pass():
     ],
 )
 def test_rms_typical_mistakes(wrong, hint):
-    _fails_with(nb02.check_expected_rms_error, wrong, hint)
+    fails_with(nb02.check_expected_rms_error, wrong, hint)
 
 
 def test_rms_must_work_on_tensors():
-    _fails_with(nb02.check_expected_rms_error, lambda s: float(s) / math.sqrt(12), "your function raised")
-    _fails_with(nb02.check_expected_rms_error, lambda s: torch.tensor(0.1) if isinstance(s, torch.Tensor) else s / 12**0.5,
+    fails_with(nb02.check_expected_rms_error, lambda s: float(s) / math.sqrt(12), "your function raised")
+    fails_with(nb02.check_expected_rms_error, lambda s: torch.tensor(0.1) if isinstance(s, torch.Tensor) else s / 12**0.5,
                 "same shape")
 
 
-def test_rms_stub():
-    assert nb02.check_expected_rms_error(_stub, quiet=True).status == NOT_ATTEMPTED
+def test_rmsstub():
+    assert nb02.check_expected_rms_error(stub, quiet=True).status == NOT_ATTEMPTED
 
 
 # --------------------------------------------------------------------------------------------- error ratio
@@ -183,10 +173,10 @@ def test_ratio_rms_form_passes():
     ],
 )
 def test_ratio_typical_mistakes(wrong, hint):
-    _fails_with(nb02.check_error_ratio, wrong, hint)
+    fails_with(nb02.check_error_ratio, wrong, hint)
 
 
-def test_ratio_stub_and_crash():
-    assert nb02.check_error_ratio(_stub, quiet=True).status == NOT_ATTEMPTED
-    _fails_with(nb02.check_error_ratio, lambda w: w.missing, "your function raised AttributeError")
-    _fails_with(nb02.check_error_ratio, lambda w: "3", "return a number")
+def test_ratiostub_and_crash():
+    assert nb02.check_error_ratio(stub, quiet=True).status == NOT_ATTEMPTED
+    fails_with(nb02.check_error_ratio, lambda w: w.missing, "your function raised AttributeError")
+    fails_with(nb02.check_error_ratio, lambda w: "3", "return a number")

@@ -4,16 +4,10 @@ import statistics
 import time
 
 import torch
+from exercise_helpers import fails_with
 
 from w8a16.exercises import nb05
-from w8a16.exercises._core import FAILED, NOT_ATTEMPTED
-
-
-def _fails_with(check, fn, hint):
-    verdict = check(fn, quiet=True)
-    assert verdict.status == FAILED, verdict
-    assert hint in verdict.message, verdict.message
-    assert "Traceback" not in verdict.message
+from w8a16.exercises._core import NOT_ATTEMPTED
 
 
 def _timer(warmup=1, sync=True, reduce=statistics.median):
@@ -37,30 +31,30 @@ def test_fair_timer_reference_passes():
     assert nb05.check_fair_timer(_timer(), quiet=True)
 
 
-def test_fair_timer_stub_is_not_attempted():
+def test_fair_timerstub_is_not_attempted():
     def stub(fn, sync, repeats):
         raise NotImplementedError
     assert nb05.check_fair_timer(stub, quiet=True).status == NOT_ATTEMPTED
 
 
 def test_fair_timer_without_sync():
-    _fails_with(nb05.check_fair_timer, _timer(sync=False), "sync()")
+    fails_with(nb05.check_fair_timer, _timer(sync=False), "sync()")
 
 
 def test_fair_timer_without_warmup():
-    _fails_with(nb05.check_fair_timer, _timer(warmup=0), "no warm-up")
+    fails_with(nb05.check_fair_timer, _timer(warmup=0), "no warm-up")
 
 
 def test_fair_timer_with_the_mean():
-    _fails_with(nb05.check_fair_timer, _timer(reduce=statistics.mean), "median")
+    fails_with(nb05.check_fair_timer, _timer(reduce=statistics.mean), "median")
 
 
 def test_fair_timer_returning_milliseconds():
-    _fails_with(nb05.check_fair_timer, _timer(reduce=lambda ts: 1e3 * statistics.median(ts)), "seconds")
+    fails_with(nb05.check_fair_timer, _timer(reduce=lambda ts: 1e3 * statistics.median(ts)), "seconds")
 
 
 def test_fair_timer_that_crashes_gets_one_line():
-    _fails_with(nb05.check_fair_timer, lambda fn, sync, repeats: 1 / 0, "ZeroDivisionError")
+    fails_with(nb05.check_fair_timer, lambda fn, sync, repeats: 1 / 0, "ZeroDivisionError")
 
 
 def _gbps(n_out, n_in, bytes_per_weight, seconds):
@@ -73,16 +67,16 @@ def test_gbps_reference_passes():
 
 
 def test_gbps_counting_weights_not_bytes():
-    _fails_with(nb05.check_weight_gbps, lambda o, i, b, s: o * i / s / 1e9, "bytes_per_weight")
+    fails_with(nb05.check_weight_gbps, lambda o, i, b, s: o * i / s / 1e9, "bytes_per_weight")
 
 
 def test_gbps_in_gib():
-    _fails_with(nb05.check_weight_gbps, lambda o, i, b, s: o * i * b / s / 2**30, "2**30")
+    fails_with(nb05.check_weight_gbps, lambda o, i, b, s: o * i * b / s / 2**30, "2**30")
 
 
 def test_gbps_in_bits():
-    _fails_with(nb05.check_weight_gbps, lambda o, i, b, s: 8 * o * i * b / s / 1e9, "bits")
+    fails_with(nb05.check_weight_gbps, lambda o, i, b, s: 8 * o * i * b / s / 1e9, "bits")
 
 
 def test_gbps_other_mistake_gets_the_generic_hint():
-    _fails_with(nb05.check_weight_gbps, lambda o, i, b, s: o * i * b * s, "bytes read / seconds")
+    fails_with(nb05.check_weight_gbps, lambda o, i, b, s: o * i * b * s, "bytes read / seconds")

@@ -13,7 +13,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-import torch
 from torch import nn
 
 from .layer import W8A16LinearLayer
