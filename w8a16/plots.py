@@ -39,6 +39,15 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
     return ax
 
 
+def _finish(ax: Axes, xlabel: str, ylabel: str, title: str | None) -> Axes:
+    """Axis labels, a small legend and the optional title that every scatter/line plot here ends with."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax
+
 def _color(label: str, i: int) -> str:
     return _SCHEME_COLORS.get(label, f"C{i}")
 
@@ -372,12 +381,7 @@ def plot_row_error_vs_size(
     ax.set_yscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())  # log minor labels overlap on short axes
     ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    return ax
+    return _finish(ax, xlabel, ylabel, title)
 
 
 def plot_measured_vs_predicted(
@@ -398,12 +402,7 @@ def plot_measured_vs_predicted(
     ax.plot(p, m, "o", markersize=3, alpha=0.6, label="one row")
     lo, hi = float(min(p.min(), m.min())), float(max(p.max(), m.max()))
     ax.plot([lo, hi], [lo, hi], color="black", linewidth=1, label="y = x")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    return ax
+    return _finish(ax, xlabel, ylabel, title)
 
 
 def plot_outlier_sweep(
@@ -427,12 +426,7 @@ def plot_outlier_sweep(
         ax.plot(list(factors), _np(ys).ravel(), "o-" if i == 0 else "--", color=f"C{i}", label=label, markersize=4)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    return ax
+    return _finish(ax, xlabel, ylabel, title)
 
 
 def plot_layer_errors(
