@@ -123,6 +123,7 @@ def test_from_pretrained_is_tried_first_when_the_hub_is_reachable(monkeypatch, c
 
 def test_detr_from_pretrained_uses_the_no_timm_revision(monkeypatch, capsys):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(M, "hub_reachable", lambda timeout=3.0: True)
     tiny = M.build_random_detr(torch.float32, DetrConfig.from_dict(tiny_detr_config()))
     seen = {}
@@ -163,6 +164,7 @@ def test_hf_hub_offline_is_honoured(monkeypatch, tiny_configs, capsys):
 
 def test_a_failing_load_falls_back_with_the_reason(monkeypatch, tiny_configs, capsys):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(M, "hub_reachable", lambda timeout=3.0: True)
 
     def broken(*args, **kwargs):
