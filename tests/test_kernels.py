@@ -1,5 +1,7 @@
 """kernels.w8a16_linear: every path against the dequantized reference, on every shape that can go wrong."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -284,3 +286,28 @@ def test_native_kernel_off_falls_back(monkeypatch):
     assert_close(w8a16_linear(x, w, s, b), fp64_reference(x, w, s, b), torch.bfloat16)
     with pytest.raises(RuntimeError, match="W8A16_NATIVE=0"):
         native.gemv(x, w, s, b)
+
+
+def test_native_build_failure_falls_back(monkeypatch, tmp_path):
+    from w8a16 import native
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    w, s, b = make_args(64, 8, torch.float32, "cpu")
+    x = torch.randn(1, 64)
+    assert "native" not in kernels.supported_paths(x, w, s)
+    assert "could not build" in native.unavailable_reason()
+    assert_close(w8a16_linear(x, w, s, b), fp64_reference(x, w, s, b), torch.float32)
+
+
+def test_native_refuses_a_directory_others_can_write(monkeypatch, tmp_path):
+    from w8a16 import native
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))
+    shared = tmp_path / f"w8a16-native-{os.getuid()}"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert native.library() is None
+    assert "not a private directory" in native.unavailable_reason()

@@ -53,10 +53,14 @@ def _build_and_load() -> ctypes.CDLL | None:
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = Path(tempfile.gettempdir()) / f"w8a16-native-{os.getuid() if hasattr(os, 'getuid') else 0}" / f"gemv-{key}.so"
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    target = Path(tempfile.gettempdir()) / f"w8a16-native-{uid if uid is not None else 0}" / f"gemv-{key}.so"
     try:
+        target.parent.mkdir(mode=0o700, exist_ok=True)
+        if uid is not None and not _private(target.parent, uid):
+            _state["error"] = f"{target.parent} is not a private directory of this user; not loading code from it"
+            return None
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_suffix(f".{os.getpid()}.tmp")
             subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE)], check=True, capture_output=True, timeout=120)
             os.replace(partial, target)  # atomic: a concurrent process sees all of it or nothing
@@ -71,6 +75,12 @@ def _build_and_load() -> ctypes.CDLL | None:
 
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the C code reads and writes; fp16 goes through fp32
+
+
+def _private(directory: Path, uid: int) -> bool:
+    """A shared temp dir must not let another user plant the library we are about to load."""
+    st = directory.stat()
+    return st.st_uid == uid and not st.st_mode & 0o022
 
 
 def gemv(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
