@@ -30,12 +30,13 @@ weights rotated past the L3, medians of alternated runs, speed vs ``nn.Linear`` 
 naive forward in brackets). Rerun it for your machine; on a busy machine the ratios move by up to 2×.
 
     M      bf16                      fp32                    fp16
-    1      1.87× native   (0.11)     2.85× native  (0.12)    1.71× native  (0.09)
-    16     2.69× int8pack (0.55)     1.68× tiled   (0.37)    1.51× tiled   (0.45)
-    64     3.48× int8pack (0.87)     1.73× tiled   (0.53)    3.41× tiled   (0.76)
-    256    6.35× tiled    (0.96)     1.37× tiled   (0.71)    4.89× tiled   (0.95)
+    1      2.32× native   (0.14)     2.98× native  (0.13)    1.94× native  (0.09)
+    16     3.26× int8pack (0.64)     1.20× tiled   (0.33)    1.63× tiled   (0.43)
+    64     2.85× int8pack (0.83)     1.36× tiled   (0.52)    3.06× tiled   (0.75)
+    256    5.43× tiled    (0.96)     1.64× tiled   (0.75)    5.44× tiled   (0.99)
 
-* ``native`` up to `NATIVE_MAX_M` rows: reads the int8 weight once at ~65 % of the measured stream bandwidth.
+* ``native`` up to `NATIVE_MAX_M` rows: reads the int8 weight once (about 60 % of the measured stream bandwidth
+  in this benchmark; software prefetching in ``csrc/gemv.c`` doubled it on the 1024-wide rows of CodeGen).
 * ``int8pack`` for bf16 up to M=128: bf16 GEMMs are slow on AVX2 (no native bf16 FMA), and it beats tiled
   there. For fp16/fp32 it is a scalar loop and is only a fallback at M=1 where no C compiler is available.
 * ``tiled`` for the rest: an fp32 GEMM per tile is ~5× faster than a bf16 GEMM on AVX2.
