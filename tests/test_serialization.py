@@ -15,7 +15,13 @@ from transformers import CodeGenConfig, CodeGenForCausalLM, GPT2Config, GPT2LMHe
 
 import w8a16
 from w8a16 import QuantizedFormatError, W8A16LinearLayer, load_quantized, save_quantized
-from w8a16.serialization import MANIFEST_FILE, NONPERSISTENT_PREFIX, WEIGHTS_FILE, _file_crc32
+from w8a16.models import shipped_config
+from w8a16.serialization import (
+    MANIFEST_FILE,
+    NONPERSISTENT_PREFIX,
+    WEIGHTS_FILE,
+    _file_crc32,
+)
 
 VOCAB = 96
 LAYER = "transformer.h.0.mlp.fc_in"  # a quantized layer with bias, (128, 32)
@@ -301,10 +307,7 @@ def test_plain_module_needs_a_skeleton(tmp_path: Path) -> None:
 
 
 def codegen_350m_config() -> CodeGenConfig:
-    return CodeGenConfig(
-        n_layer=20, n_embd=1024, n_head=16, rotary_dim=32, vocab_size=51200, n_positions=2048, n_ctx=2048,
-        activation_function="gelu_new", tie_word_embeddings=False, bos_token_id=1, eos_token_id=50256,
-    )
+    return CodeGenConfig.from_dict(shipped_config("codegen-350M-mono"))
 
 
 def test_memory_bound_codegen_350m_shape(tmp_path: Path) -> None:

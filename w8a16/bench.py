@@ -27,6 +27,7 @@ from torch import nn
 
 from . import kernels
 from .layer import W8A16LinearLayer
+from .models import build_random_codegen, shipped_config
 from .quantizer import Quantizer
 from .timing import compare
 
@@ -209,10 +210,7 @@ def layer_rows(
 # A whole model: greedy decode
 # ---------------------------------------------------------------------------------------------------------------
 
-CODEGEN_350M = dict(
-    n_layer=20, n_embd=1024, n_head=16, rotary_dim=32, vocab_size=51200, n_positions=2048, n_ctx=2048,
-    activation_function="gelu_new", tie_word_embeddings=False, bos_token_id=1, eos_token_id=50256,
-)
+CODEGEN_350M = shipped_config("codegen-350M-mono")  # the real model's architecture, as w8a16.models builds it
 CODEGEN_TINY = dict(CODEGEN_350M, n_layer=2, n_embd=128, n_head=4, rotary_dim=16, vocab_size=512, eos_token_id=2)
 
 
@@ -220,9 +218,7 @@ def build_codegen(config: dict, dtype: torch.dtype = torch.bfloat16, device: tor
     """A CodeGen model with ``config`` and seeded random weights (timing only: its outputs mean nothing)."""
     from transformers import CodeGenConfig
 
-    from .models import build_random_codegen
-
-    return build_random_codegen(dtype, CodeGenConfig(**config)).to(device)
+    return build_random_codegen(dtype, CodeGenConfig.from_dict(config)).to(device)
 
 
 @torch.no_grad()
