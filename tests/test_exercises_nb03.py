@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from exercise_helpers import fails_with
 from torch import nn
 
 from w8a16 import W8A16LinearLayer, footprint_bytes
@@ -66,30 +67,24 @@ def test_walker_reference_passes():
 
 
 def test_walker_top_level_only_gets_the_recursion_hint():
-    verdict = nb03.check_replace_linear(top_level_only, quiet=True)
-    assert verdict.status == "failed" and "only top-level children" in verdict.message
+    fails_with(nb03.check_replace_linear, top_level_only, "only top-level children")
 
 
 def test_walker_ignoring_exclusions_gets_the_exclusion_hint():
-    verdict = nb03.check_replace_linear(ignores_exclusions, quiet=True)
-    assert verdict.status == "failed" and "excludes it" in verdict.message
+    fails_with(nb03.check_replace_linear, ignores_exclusions, "excludes it")
 
 
 def test_walker_matching_full_names_gets_the_child_name_hint():
-    verdict = nb03.check_replace_linear(full_name_exclusions, quiet=True)
-    assert verdict.status == "failed" and "child name" in verdict.message
+    fails_with(nb03.check_replace_linear, full_name_exclusions, "child name")
 
 
 def test_walker_fresh_layers_get_the_from_linear_hint():
-    verdict = nb03.check_replace_linear(fresh_layers, quiet=True)
-    assert verdict.status == "failed" and "from_linear" in verdict.message
+    fails_with(nb03.check_replace_linear, fresh_layers, "from_linear")
 
 
 def test_walker_doing_nothing_and_crashing():
-    verdict = nb03.check_replace_linear(lambda m, c, e: m, quiet=True)
-    assert verdict.status == "failed" and "no layer was replaced" in verdict.message
-    verdict = nb03.check_replace_linear(lambda m, c, e: 1 / 0, quiet=True)
-    assert verdict.status == "failed" and "ZeroDivisionError" in verdict.message
+    fails_with(nb03.check_replace_linear, lambda m, c, e: m, "no layer was replaced")
+    fails_with(nb03.check_replace_linear, lambda m, c, e: 1 / 0, "ZeroDivisionError")
 
 
 def test_walker_stub_is_not_attempted(capsys):
@@ -121,13 +116,11 @@ def test_layer_bytes_everything_one_byte():
 
 
 def test_layer_bytes_forgot_bias():
-    verdict = nb03.check_w8a16_layer_bytes(lambda o, i, b, d: o * i + o * nbytes(d), quiet=True)
-    assert verdict.status == "failed" and "forgot the bias" in verdict.message
+    fails_with(nb03.check_w8a16_layer_bytes, lambda o, i, b, d: o * i + o * nbytes(d), "forgot the bias")
 
 
 def test_layer_bytes_original_size():
-    verdict = nb03.check_w8a16_layer_bytes(lambda o, i, b, d: (o * i + (o if b else 0)) * nbytes(d), quiet=True)
-    assert verdict.status == "failed" and "original nn.Linear" in verdict.message
+    fails_with(nb03.check_w8a16_layer_bytes, lambda o, i, b, d: (o * i + (o if b else 0)) * nbytes(d), "original nn.Linear")
 
 
 def test_layer_bytes_stub():
@@ -160,13 +153,11 @@ def test_expected_footprint_reference_passes():
 
 
 def test_expected_footprint_only_linear_layers():
-    verdict = nb03.check_expected_footprint(only_quantized_layers, quiet=True)
-    assert verdict.status == "failed" and "rest of the model" in verdict.message
+    fails_with(nb03.check_expected_footprint, only_quantized_layers, "rest of the model")
 
 
 def test_expected_footprint_ignoring_exclusions():
-    verdict = nb03.check_expected_footprint(lambda m, e: expected_footprint(m, []), quiet=True)
-    assert verdict.status == "failed" and "excluded layers" in verdict.message
+    fails_with(nb03.check_expected_footprint, lambda m, e: expected_footprint(m, []), "excluded layers")
 
 
 def test_expected_footprint_quantizing_the_model_is_caught():
@@ -175,8 +166,7 @@ def test_expected_footprint_quantizing_the_model_is_caught():
     def cheat(model, exclude):
         return quantize_model(model, W8A16LinearLayer, exclude).bytes_after
 
-    verdict = nb03.check_expected_footprint(cheat, quiet=True)
-    assert verdict.status == "failed" and "do not change it" in verdict.message
+    fails_with(nb03.check_expected_footprint, cheat, "do not change it")
 
 
 def test_expected_footprint_stub():

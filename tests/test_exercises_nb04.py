@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from exercise_helpers import fails_with
 from torch import nn
 
 from w8a16 import Quantizer, W8A16LinearLayer, footprint_bytes
@@ -52,22 +53,17 @@ def test_share_reference_passes():
 
 
 def test_share_recursive_counting_gets_the_recurse_hint():
-    verdict = nb04.check_conv_linear_share(recursive_counting, quiet=True)
-    assert verdict.status == "failed" and "recurse=False" in verdict.message
+    fails_with(nb04.check_conv_linear_share, recursive_counting, "recurse=False")
 
 
 def test_share_weights_only_gets_the_bias_hint():
-    verdict = nb04.check_conv_linear_share(weights_only, quiet=True)
-    assert verdict.status == "failed" and "biases" in verdict.message
+    fails_with(nb04.check_conv_linear_share, weights_only, "biases")
 
 
 def test_share_wrong_denominator_and_percentages():
-    verdict = nb04.check_conv_linear_share(conv_and_linear_only_denominator, quiet=True)
-    assert verdict.status == "failed" and "all the model's parameters" in verdict.message
-    verdict = nb04.check_conv_linear_share(lambda m: tuple(100 * s for s in conv_linear_share(m)), quiet=True)
-    assert verdict.status == "failed" and "percentages" in verdict.message
-    verdict = nb04.check_conv_linear_share(lambda m: conv_linear_share(m)[::-1], quiet=True)
-    assert verdict.status == "failed" and "swapped" in verdict.message
+    fails_with(nb04.check_conv_linear_share, conv_and_linear_only_denominator, "all the model's parameters")
+    fails_with(nb04.check_conv_linear_share, lambda m: tuple(100 * s for s in conv_linear_share(m)), "percentages")
+    fails_with(nb04.check_conv_linear_share, lambda m: conv_linear_share(m)[::-1], "swapped")
 
 
 def test_share_stub(capsys):
@@ -112,18 +108,15 @@ def test_measure_reference_passes():
 
 
 def test_measure_after_only_gets_the_order_hint():
-    verdict = nb04.check_quantize_and_measure(measured_after_only, quiet=True)
-    assert verdict.status == "failed" and "before quantizing" in verdict.message
+    fails_with(nb04.check_quantize_and_measure, measured_after_only, "before quantizing")
 
 
 def test_measure_parameters_only_gets_the_buffers_hint():
-    verdict = nb04.check_quantize_and_measure(parameters_only, quiet=True)
-    assert verdict.status == "failed" and "buffers" in verdict.message
+    fails_with(nb04.check_quantize_and_measure, parameters_only, "buffers")
 
 
 def test_measure_values_not_bytes_and_exclusions():
-    verdict = nb04.check_quantize_and_measure(counts_values, quiet=True)
-    assert verdict.status == "failed" and "element_size" in verdict.message
+    fails_with(nb04.check_quantize_and_measure, counts_values, "element_size")
 
     def keeps_last(model):
         before = footprint_bytes(model)
@@ -131,8 +124,7 @@ def test_measure_values_not_bytes_and_exclusions():
         Quantizer(model, W8A16LinearLayer, last)
         return before, footprint_bytes(model)
 
-    verdict = nb04.check_quantize_and_measure(keeps_last, quiet=True)
-    assert verdict.status == "failed" and "still an nn.Linear" in verdict.message
+    fails_with(nb04.check_quantize_and_measure, keeps_last, "still an nn.Linear")
 
 
 def test_measure_stub():
