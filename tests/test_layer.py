@@ -165,3 +165,124 @@ def test_seed_readme_example():
     assert module.int8_weights.dtype == torch.int8
     err = (random_matrix.float() - module.int8_weights * module.scales.unsqueeze(1)).abs().mean()
     assert err < 0.01
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decode fast path (_decode_step): checked once, then reused; must agree with the dispatcher bit for bit
+# ---------------------------------------------------------------------------------------------------------------
+
+native_only = pytest.mark.skipif(
+    __import__("w8a16").native.library() is None, reason="no C compiler here: the native kernel is not built"
+)
+
+
+def decode_layer(dtype=torch.bfloat16, bias=True, in_features=100, out_features=37):
+    torch.manual_seed(0)
+    return make_layer(in_features, out_features, bias=bias, dtype=dtype)[1]
+
+
+@native_only
+@pytest.mark.parametrize("leading", [(), (1,), (1, 1), (3,), (2, 4)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_is_bit_identical_to_the_native_path(dtype, bias, leading):
+    from w8a16.kernels import w8a16_linear
+
+    layer = decode_layer(dtype, bias)
+    x = torch.randn(*leading, 100).to(dtype)
+    expected = w8a16_linear(x, layer.int8_weights, layer.scales, layer.bias, path="native")
+    first = layer(x)  # checked path, leaves the prepared weights behind
+    assert layer._decode is not None
+    second = layer(x)  # the fast path
+    assert layer._decode_step(x) is not None
+    for out in (first, second):
+        assert out.shape == (*leading, 37) and out.dtype == dtype and torch.equal(out, expected)
+
+
+@native_only
+def test_decode_step_hands_everything_else_to_the_checked_path():
+    from w8a16 import kernels
+
+    layer = decode_layer(torch.bfloat16)
+    layer(torch.randn(1, 100, dtype=torch.bfloat16))
+    assert layer._decode is not None
+    others = {
+        "fp16": torch.randn(1, 100, dtype=torch.float16),
+        "non-contiguous": torch.randn(100, 2, dtype=torch.bfloat16).t()[:1],
+        "prefill": torch.randn(kernels.NATIVE_MAX_M + 1, 100, dtype=torch.bfloat16),
+        "empty": torch.randn(0, 100, dtype=torch.bfloat16),
+        "needs grad": torch.randn(1, 100, dtype=torch.bfloat16, requires_grad=True),
+    }
+    for name, x in others.items():
+        assert layer._decode_step(x) is None, name
+        out = layer(x)
+        ref = layer.dequantized_weight(torch.float64) @ x.detach().double().T
+        ref = ref.T + layer.bias.double()
+        atol = 2e-2 * float(ref.abs().max()) if ref.numel() else 0.0
+        assert out.shape == ref.shape and torch.allclose(out.detach().double(), ref, rtol=2e-2, atol=atol + 1e-6), name
+    assert layer(others["needs grad"]).grad_fn is not None  # still differentiable
+
+
+@native_only
+@pytest.mark.parametrize("bad", [torch.randn(1, 99), torch.randint(0, 3, (1, 100)), torch.tensor(1.0)])
+def test_decode_step_still_refuses_bad_input_clearly(bad):
+    layer = decode_layer(torch.float32)
+    layer(torch.randn(1, 100))
+    assert layer._decode is not None
+    with pytest.raises(ValueError, match="W8A16LinearLayer"):
+        layer(bad)
+
+
+@native_only
+def test_decode_step_follows_every_way_the_buffers_can_change():
+    layer = decode_layer(torch.float32)
+    x = torch.randn(1, 100)
+
+    def expected():
+        return x @ layer.dequantized_weight(torch.float32).T + layer.bias
+
+    layer(x)
+    other = decode_layer(torch.float32, in_features=100, out_features=37)
+    other.int8_weights.neg_()
+    layer.load_state_dict(other.state_dict())  # in place: the same tensors, new values
+    assert torch.allclose(layer(x), expected(), rtol=1e-5, atol=1e-4)
+    layer.scales = layer.scales * 2  # a new tensor
+    assert torch.allclose(layer(x), expected(), rtol=1e-5, atol=1e-4)
+    layer.int8_weights.data = layer.int8_weights.flip(0).contiguous()  # new storage under the same tensor
+    assert torch.allclose(layer(x), expected(), rtol=1e-5, atol=1e-4)
+    layer.quantize(torch.randn(37, 100))
+    assert torch.allclose(layer(x), expected(), rtol=1e-5, atol=1e-4)
+    layer.bias = None
+    assert torch.allclose(layer(x), x @ layer.dequantized_weight(torch.float32).T, rtol=1e-5, atol=1e-4)
+    bf16 = layer.to(torch.bfloat16)  # scales and bias replaced by bf16 copies
+    xb = x.bfloat16()
+    assert torch.equal(bf16(xb), bf16(xb)) and bf16(xb).dtype == torch.bfloat16
+
+
+@native_only
+def test_decode_cache_is_not_pickled_or_shared_by_copies(tmp_path):
+    import copy
+
+    layer = decode_layer(torch.bfloat16)
+    x = torch.randn(1, 100, dtype=torch.bfloat16)
+    out = layer(x)
+    twin = copy.deepcopy(layer)
+    assert twin._decode is None or twin._decode.weights is twin.int8_weights
+    twin.int8_weights.zero_()
+    assert torch.equal(layer(x), out)  # the copy's changes never reach the original, nor the reverse
+    assert torch.equal(twin(x), twin.bias.expand(1, 37))
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert loaded._decode is None and torch.equal(loaded(x), out)
+
+
+@native_only
+def test_decode_step_steps_aside_when_the_kernel_goes_away(monkeypatch):
+    from w8a16 import native
+
+    layer = decode_layer(torch.float32)
+    x = torch.randn(1, 100)
+    out = layer(x)
+    monkeypatch.setattr(native, "_state", {"lib": None, "error": "gone"})
+    assert layer._decode_step(x) is None
+    assert torch.allclose(layer(x), out, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import quant
+from . import kernels, native, quant
 from .kernels import aligned_copy, is_aligned, w8a16_linear
 
 
@@ -42,6 +42,7 @@ class W8A16LinearLayer(nn.Module):
         )
         self.register_buffer("scales", torch.randn(out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.randn(out_features, dtype=dtype, device=device) if bias else None)
+        self._decode: native.PreparedWeights | None = None  # see _decode_step
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "W8A16LinearLayer":
@@ -83,6 +84,30 @@ class W8A16LinearLayer(nn.Module):
         return quant.dequantize(self.int8_weights, self.scales, dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._decode_step(x)
+        return y if y is not None else self._checked_forward(x)
+
+    def _decode_step(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The native decode path with nothing but the per-call checks, or None to take `_checked_forward`.
+
+        A decode step calls every layer once for a single row of x, so the general path's checks, dispatch and
+        conversions (~30 µs) cost about as much as reading a 1024×1024 int8 weight; they are done once, in
+        `_checked_forward`, which leaves a `native.PreparedWeights` here when the dispatcher chose ``native``.
+        This repeats that choice for the cases it covers (`kernels.choose_path`) and nothing else.
+        """
+        prepared = self.__dict__.get("_decode")
+        if prepared is None:
+            return None
+        buffers = self._buffers
+        if not prepared.is_for(buffers["int8_weights"], buffers["scales"], buffers["bias"]):
+            return None
+        if x.ndim == 0 or x.shape[-1] != self.in_features or not 0 < x.numel() // self.in_features <= kernels.NATIVE_MAX_M:
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or prepared.scales.requires_grad):
+            return None
+        return prepared.run(x)
+
+    def _checked_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(
                 f"W8A16LinearLayer({self.in_features}→{self.out_features}) got input of shape "
@@ -94,7 +119,17 @@ class W8A16LinearLayer(nn.Module):
             # Once, not per call: the fast CPU kernel needs a contiguous, 64-byte aligned weight, and tensors
             # loaded from a safetensors file are often only 8-byte aligned. Same values, so state_dict agrees.
             self.int8_weights = aligned_copy(self.int8_weights)
+        if kernels.choose_path(x, self.int8_weights, self.scales) == "native":
+            try:
+                self._decode = native.PreparedWeights(self.int8_weights, self.scales, self.bias)
+            except ValueError:  # scales and bias need converting: the general path does that on every call
+                self._decode = None
         return w8a16_linear(x, self.int8_weights, self.scales, self.bias)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_decode"] = None  # pointers into this process's memory: rebuilt on the first call after loading
+        return state
 
     def extra_repr(self) -> str:
         return (

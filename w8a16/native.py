@@ -108,17 +108,82 @@ def gemv(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tensor, bias
         raise ValueError("native gemv: x, scales and bias must be floating point")
     io_dtype = x.dtype if x.dtype in _NATIVE_DTYPES else torch.float32
     params_dtype = scales.dtype if scales.dtype in _NATIVE_DTYPES and (bias is None or bias.dtype == scales.dtype) else torch.float32
-    # At decode a call is ~1 ms of memory traffic, so the ~2 µs of each no-op .to()/.contiguous() matters:
-    # convert only what needs it.
     xc, w, s, b = _as(x, io_dtype), _as(int8_weights, torch.int8), _as(scales, params_dtype), bias
     if b is not None:
         b = _as(b, params_dtype)
     y = torch.empty(xc.shape[0], n, dtype=io_dtype)
-    status = lib.w8a16_gemv(
-        w.data_ptr(), xc.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-        xc.shape[0], n, k, torch.get_num_threads(),
-        io_dtype == torch.bfloat16, params_dtype == torch.bfloat16, io_dtype == torch.bfloat16,
-    )
+    pointers = w.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr()
+    _call(lib, pointers, xc, y, n, k, params_dtype == torch.bfloat16)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _call(lib: ctypes.CDLL, pointers: tuple[int, int, int], x: torch.Tensor, y: torch.Tensor, n: int, k: int,
+          params_bf16: bool) -> None:
+    """The C call itself, on tensors already checked to be in its contract (``pointers``: weight, scales, bias;
+    0 for no bias)."""
+    weights, scales, bias = pointers
+    bf16 = x.dtype == torch.bfloat16
+    status = lib.w8a16_gemv(weights, x.data_ptr(), scales, bias, y.data_ptr(), x.numel() // k, n, k,
+                            torch.get_num_threads(), bf16, params_bf16, bf16)
     if status < 0:
         raise MemoryError("native gemv: could not allocate the widened activations")
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+class PreparedWeights:
+    """One layer's weight side of the native call, checked once, for a decode loop that calls it every step.
+
+    Why: at decode the C call itself is ~8 µs, while `gemv`'s checks and conversions cost several times that
+    on every call (80 layers per CodeGen-350M token). A layer whose int8 weight is contiguous and whose scales
+    and bias are contiguous fp32 or bf16 of one dtype needs no conversion, so all that is left to check per
+    call is the activation (`run`) and that these are still the layer's tensors (`is_for`).
+
+    It holds the tensors themselves, never copies: values changed in place (``load_state_dict``) are seen.
+    """
+
+    __slots__ = ("weights", "scales", "bias", "shape", "pointers", "params_bf16")
+
+    def __init__(self, int8_weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        n, k = int8_weights.shape
+        params = (scales,) if bias is None else (scales, bias)
+        if not (
+            n > 0 and k > 0
+            and int8_weights.dtype == torch.int8
+            and int8_weights.is_contiguous()
+            and all(t.shape == (n,) and t.is_contiguous() and t.dtype == scales.dtype for t in params)
+            and scales.dtype in _NATIVE_DTYPES
+            and all(t.device.type == "cpu" for t in (int8_weights, *params))
+        ):
+            raise ValueError("PreparedWeights: needs a non-empty contiguous CPU int8 weight and (out,) fp32/bf16 scales/bias")
+        self.weights, self.scales, self.bias = int8_weights, scales, bias
+        self.shape = int8_weights.shape
+        self.pointers = self._pointers(int8_weights, scales, bias)
+        self.params_bf16 = scales.dtype == torch.bfloat16
+
+    @staticmethod
+    def _pointers(w: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> tuple[int, int, int]:
+        return w.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr()
+
+    def is_for(self, int8_weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """Still exactly these tensors, with the same storage and shape (``.data =`` swaps are caught)."""
+        return (
+            int8_weights is self.weights
+            and scales is self.scales
+            and bias is self.bias
+            and int8_weights.shape == self.shape
+            and self._pointers(int8_weights, scales, bias) == self.pointers
+        )
+
+    def run(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's output for ``x`` of shape ``(..., k)``, or None where ``x`` is not in the C contract
+        (another dtype or device, not contiguous); the caller then takes the general path."""
+        if not (x.dtype in _NATIVE_DTYPES and x.is_cpu and x.is_contiguous()):
+            return None
+        n, k = self.shape
+        if x.shape[-1] != k:
+            return None
+        y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+        lib = library()
+        if lib is None:
+            return None
+        _call(lib, self.pointers, x, y, n, k, self.params_bf16)
+        return y
