@@ -63,14 +63,16 @@ PACK_K_MULTIPLE = 16  # _weight_int8pack_mm returns garbage when in_features is 
 # 4× fewer parallel regions, which under load mattered more than cache (see the docstring).
 TILE_BYTES = {"gemv": 4 << 20, "gemm": 16 << 20}
 
-# Largest batch for which the CPU dispatch uses the native GEMV. Measured (4096×4096, weights rotated past the
-# cache, 2 idle cores): vs dense of the same dtype, M=1 bf16 1.9× / fp32 4.1×, M=4 bf16 2.3× / fp32 6.5×; at M=16
-# int8pack (bf16) and tiled (fp32) catch up, since each weight row is then reused from cache by many rows of x.
-NATIVE_MAX_M = 8
+# Largest batch for which the CPU dispatch uses the native kernel. Measured (4096×4096, weights rotated past the
+# cache, 2 cores; ms for native / int8pack / tiled): bf16 M=16 6.3 / 10.1 / 15.0, M=32 14.8 / 20.2 / 17.2,
+# M=64 24.2 / 40.1 / 26.3; fp32 M=32 11.9 / – / 20.1, M=64 29.3 / – / 39.5. Above M=1 the kernel converts each
+# int8 weight once for four rows of x, and it stays ahead of MKL's fp32 GEMM up to about M=64; 32 leaves a margin.
+NATIVE_MAX_M = 32
 
-# Largest batch (M = rows of x) for which the CPU dispatch uses int8pack, per activation dtype; tiled above.
-# fp16/fp32 only at M=1: there int8pack is a scalar loop whose cost grows with M (see the docstring).
-PACK_MAX_M = {torch.bfloat16: 128, torch.float16: 1, torch.float32: 1}
+# Largest batch (M = rows of x) for which the CPU dispatch uses int8pack, per activation dtype, where the native
+# kernel is not available (it is faster wherever it is); tiled above. bf16: it beat tiled at M=16 (10 vs 15 ms)
+# but not at M=32 (20 vs 17). fp16/fp32 only at M=1: there int8pack is a scalar loop whose cost grows with M.
+PACK_MAX_M = {torch.bfloat16: 16, torch.float16: 1, torch.float32: 1}
 
 
 def reference_linear(
@@ -245,9 +247,9 @@ def choose_path(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tenso
     if m == 0 or x.shape[-1] == 0 or int8_weights.shape[0] == 0:
         return "reference"  # empty: nothing to speed up, and the fast kernels are not tested on it
     if m <= NATIVE_MAX_M and native_supported(x, int8_weights, scales):
-        return "native"  # decode: int8 read once at memory speed, fp32 accumulation, any dtype and shape
+        return "native"  # decode, prefill of short prompts, small batches: int8 read once, fp32 accumulation
     if m <= PACK_MAX_M.get(x.dtype, 0) and int8pack_supported(x, int8_weights, scales):
-        return "int8pack"  # one kernel call, reads int8 directly: bf16 up to M=128, fp16/fp32 at M=1
+        return "int8pack"  # no C compiler here: one kernel call that reads int8 directly (bf16 M ≤ 16, else M=1)
     return "tiled"  # everything else on a CPU: fp32 GEMM per tile, never a full-size temporary
 
 

@@ -95,6 +95,45 @@ static void dot4_int8_fp32(const int8_t *w, int64_t k, const float *x, float out
         out[3] += (float)w3[i] * x[i];
     }
 }
+
+/* Several rows of x (prefill, small batches): a tile of two weight rows × R ≤ 4 rows of x. Each group of 8
+ * weights is converted to fp32 once and used for R rows of x, where `dot4_int8_fp32` would convert it R times:
+ * at M ≥ 2 the conversion, not memory, is the bottleneck. 8 accumulators + 2 weights + 1 x = 11 registers. */
+#define HAS_TILE2 1
+static inline __attribute__((always_inline)) void tile2(const int8_t *w0, const int8_t *w1, int64_t k,
+                                                        const float *x, int64_t ldx, const int R,
+                                                        float out[2][4], const int8_t *next) {
+    __m256 acc[2][4];
+    for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        if (next && (i & 31) == 0) _mm_prefetch((const char *)(next + 2 * i), _MM_HINT_T0);
+        __m256 a = load8_int8_as_fp32(w0 + i), b = load8_int8_as_fp32(w1 + i);
+        for (int r = 0; r < R; ++r) {
+            __m256 xr = _mm256_loadu_ps(x + r * ldx + i);
+            acc[0][r] = _mm256_fmadd_ps(a, xr, acc[0][r]);
+            acc[1][r] = _mm256_fmadd_ps(b, xr, acc[1][r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        out[0][r] = horizontal_sum(acc[0][r]);
+        out[1][r] = horizontal_sum(acc[1][r]);
+        for (int64_t j = i; j < k; ++j) {
+            out[0][r] += (float)w0[j] * x[r * ldx + j];
+            out[1][r] += (float)w1[j] * x[r * ldx + j];
+        }
+    }
+}
+
+static void tile2_rows(const int8_t *w0, const int8_t *w1, int64_t k, const float *x, int64_t ldx, int rows,
+                       float out[2][4], const int8_t *next) {
+    switch (rows) {  /* constant R per case: the r loops unroll and the accumulators stay in registers */
+        case 1: tile2(w0, w1, k, x, ldx, 1, out, next); break;
+        case 2: tile2(w0, w1, k, x, ldx, 2, out, next); break;
+        case 3: tile2(w0, w1, k, x, ldx, 3, out, next); break;
+        default: tile2(w0, w1, k, x, ldx, 4, out, next); break;
+    }
+}
 #else
 /* Portable version: the compiler vectorises what it can. */
 static float dot_int8_fp32(const int8_t *w, const float *x, int64_t k) {
@@ -125,6 +164,27 @@ int w8a16_gemv(const int8_t *w, const void *x_in, const void *scales, const void
         for (int64_t i = 0; i < m * k; ++i) widened[i] = bf16_to_fp32(((const uint16_t *)x_in)[i]);
         x = widened;
     }
+#ifdef HAS_TILE2
+    if (m > 1) {
+        int64_t pairs = (n + 1) / 2;
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t b = 0; b < pairs; ++b) {
+            int64_t o = 2 * b;
+            const int8_t *w0 = w + o * k, *w1 = o + 1 < n ? w0 + k : w0;  /* an odd last row is computed twice */
+            for (int64_t r0 = 0; r0 < m; r0 += 4) {
+                int rows = m - r0 < 4 ? (int)(m - r0) : 4;
+                float d[2][4];
+                const int8_t *next = (r0 == 0 && o + 4 <= n) ? w + (o + 2) * k : NULL;
+                tile2_rows(w0, w1, k, x + r0 * k, k, rows, d, next);
+                for (int r = 0; r < rows; ++r)
+                    for (int j = 0; j < 2 && o + j < n; ++j)
+                        store(y, (r0 + r) * n + o + j, o + j, d[j][r], scales, bias, params_bf16, y_bf16);
+            }
+        }
+        free(widened);
+        return 8;
+    }
+#endif
     int64_t blocks = (n + 3) / 4;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; ++b) {
