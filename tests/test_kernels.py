@@ -149,6 +149,8 @@ def test_layer_realigns_a_misaligned_weight_once_and_keeps_its_state():
 def test_zero_rows(path, dtype):
     w, s, b = make_args(64, 8, dtype, "cpu")
     x = torch.randn(0, 64).to(dtype)
+    if path not in kernels.supported_paths(x, w, s):
+        pytest.skip(f"{path} does not run on this machine")
     out = w8a16_linear(x, w, s, b, path=path)
     assert out.shape == (0, 8) and out.dtype == dtype
     x3 = torch.randn(2, 0, 64).to(dtype)

@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(rows, columns))
     if not args.no_model:
         print()
-        drows = decode_rows(config, new_tokens=tokens, repeats=2 if args.quick else 3, device=device)
+        drows = decode_rows(config, new_tokens=tokens, repeats=2 if args.quick else 5, device=device)
         print(format_table(drows, ["model", "dtype", "impl", "tokens_per_s", "vs_dense", "MB"]))
 
 

@@ -1,44 +1,50 @@
 """The W8A16 matmul: ``y = x @ (int8_weights * scales[:, None]).T + bias``, and how to make it fast.
 
-`w8a16_linear` is the one entry point the layer calls. It picks one of four paths per call:
+`w8a16_linear` is the one entry point the layer calls. It picks one of five paths per call:
 
 ``native``
-    A short C GEMV (``csrc/gemv.c``, built on first use by `native.py`) that converts int8 to fp32 in
-    registers and accumulates in fp32: the weights are read once, as int8, at memory speed. The path for every
-    dtype at small batch (decode) on a CPU with a C compiler. Exact fp32 maths, so fp32 inputs keep fp32 accuracy.
+    A short C kernel (``csrc/gemv.c``, built on first use by `native.py`) that converts int8 to fp32 in
+    registers and accumulates in fp32: the weights are read once, as int8. At M=1 (decode) it streams them at
+    memory speed; for a few rows of x (a short prompt, a small batch) it converts each weight once for four rows.
+    The path for every dtype up to `NATIVE_MAX_M` rows on a CPU with a C compiler. Exact fp32 maths, so fp32
+    inputs keep fp32 accuracy.
+``triton``
+    The GPU counterpart of ``native`` (`gpu.py`): a Triton GEMV that reads the int8 weight once, for up to
+    `gpu.MAX_M` rows of x on CUDA. It is checked against the reference on first use on each device and dtype
+    and switched off there if it disagrees or fails. Not yet timed on a GPU (the project has not had one).
 ``reference``
-    Dequantize the whole weight to ``x.dtype``, then ``F.linear``. Always correct, any device. On CUDA it *is*
-    the fast path (one elementwise kernel + cuBLAS). On a CPU it is slow: most of its time goes into allocating
+    Dequantize the whole weight to ``x.dtype``, then ``F.linear``. Always correct, any device. On CUDA it is
+    the path for larger batches (one elementwise kernel + cuBLAS on the tensor cores). On a CPU it is slow: most of its time goes into allocating
     and first-touching a fresh full-size dense weight on every call (4096×4096 bf16: 32 MiB of page faults).
 ``int8pack``
     ``torch._weight_int8pack_mm``: PyTorch's CPU kernel that reads the int8 weight directly and converts it in
-    registers. It is the fast path for bf16 on x86 (it reads 1 byte per weight instead of 2). It checks almost
-    nothing, so `int8pack_linear` checks for it: ``in_features % 16 == 0`` (else wrong answers), 64-byte aligned
-    weight *and activations* (else segfaults), scales in ``x.dtype``. For fp16/fp32 it is a scalar loop
-    (slow, and slower with every row of x), so for them the dispatcher only uses it at M=1.
+    registers (1 byte per weight instead of 2): the small-batch bf16 path where no C compiler is available. It
+    checks almost nothing, so `int8pack_linear` checks for it: ``in_features % 16 == 0`` (else wrong answers),
+    64-byte aligned weight *and activations* (else segfaults), scales in ``x.dtype``. For fp16/fp32 it is a
+    scalar loop (slow, and slower with every row of x), so for them only at M=1.
 ``tiled``
     Dequantize a block of rows at a time into one reused, cache-sized fp32 buffer and matmul each tile into
     its slice of the output. Same maths as the reference without the full-size temporary that is allocated
-    and page-faulted on every call: the path for fp32, fp16 and large-batch bf16 on a CPU.
+    and page-faulted on every call: the path for every dtype above `NATIVE_MAX_M` rows on a CPU.
 
 Accuracy: every path accumulates in fp32 and rounds to ``x.dtype`` once. fp16 stays finite on activation
 outliers because nothing is summed in fp16: the reference scales the *weights* before the matmul (never the
 un-scaled ``Σ x·q``, which overflows fp16's 65504 as the seed did), and the tiled path sums in fp32.
 
-Dispatch on a CPU, from ``python -m w8a16.bench`` on a 2-core AVX2 EPYC (torch 2.13): one 4096×4096 layer,
-weights rotated past the L3, medians of alternated runs, speed vs ``nn.Linear`` of the same dtype (the seed's
-naive forward in brackets). Rerun it for your machine; on a busy machine the ratios move by up to 2×.
+Dispatch on a CPU, from ``python -m w8a16.bench`` on a 2-core AVX2 EPYC (torch 2.13, stream-read bandwidth
+16.1 GB/s): one 4096×4096 layer, weights rotated past the L3, medians of alternated runs, speed vs ``nn.Linear``
+of the same dtype (the seed's naive forward in brackets). Rerun it for your machine; on a busy machine the
+ratios move by up to 2×.
 
-    M      bf16                      fp32                    fp16
-    1      2.32× native   (0.14)     2.98× native  (0.13)    1.94× native  (0.09)
-    16     3.26× int8pack (0.64)     1.20× tiled   (0.33)    1.63× tiled   (0.43)
-    64     2.85× int8pack (0.83)     1.36× tiled   (0.52)    3.06× tiled   (0.75)
-    256    5.43× tiled    (0.96)     1.64× tiled   (0.75)    5.44× tiled   (0.99)
+    M      bf16                    fp32                    fp16
+    1      2.42× native  (0.16)    3.67× native  (0.14)    1.73× native  (0.09)
+    16     3.98× native  (0.61)    2.78× native  (0.32)    3.72× native  (0.45)
+    64     3.95× tiled   (0.86)    1.56× tiled   (0.53)    3.22× tiled   (0.76)
+    256    6.16× tiled   (1.02)    1.26× tiled   (0.71)    4.39× tiled   (0.91)
 
-* ``native`` up to `NATIVE_MAX_M` rows: reads the int8 weight once (about 60 % of the measured stream bandwidth
-  in this benchmark; software prefetching in ``csrc/gemv.c`` doubled it on the 1024-wide rows of CodeGen).
-* ``int8pack`` for bf16 up to M=128: bf16 GEMMs are slow on AVX2 (no native bf16 FMA), and it beats tiled
-  there. For fp16/fp32 it is a scalar loop and is only a fallback at M=1 where no C compiler is available.
+* ``native`` up to `NATIVE_MAX_M` rows: at M=1 it reads the int8 weight at about 70 % of the measured stream
+  bandwidth (software prefetching in ``csrc/gemv.c`` doubled it on the 1024-wide rows of CodeGen).
+* ``int8pack`` only without a C compiler: bf16 up to M=16, fp16/fp32 at M=1.
 * ``tiled`` for the rest: an fp32 GEMM per tile is ~5× faster than a bf16 GEMM on AVX2.
 * Tiles: 4 MiB for M=1 (a gemv: memory bound, stay in cache), 16 MiB for M ≥ 2. Each tile costs two parallel
   regions, and on a busy machine each region can wait for a descheduled OpenMP thread; big tiles kept tiled
@@ -53,9 +59,9 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import gpu, native
 
-PATHS = ("reference", "native", "int8pack", "tiled")
+PATHS = ("reference", "native", "int8pack", "tiled", "triton")
 
 ALIGNMENT = 64  # bytes; _weight_int8pack_mm segfaults on less (seen on activations at a 4-byte offset)
 PACK_K_MULTIPLE = 16  # _weight_int8pack_mm returns garbage when in_features is not a multiple of 16
@@ -226,6 +232,8 @@ def supported_paths(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.T
     if _needs_grad(x, scales):
         return ["reference"]  # the fast paths write into out= buffers, which autograd cannot follow
     paths = ["reference", "tiled"]
+    if gpu.available(x) and int8_weights.device == scales.device == x.device:
+        paths.append("triton")
     if native_supported(x, int8_weights, scales):
         paths.append("native")
     if int8pack_supported(x, int8_weights, scales):
@@ -241,11 +249,13 @@ def choose_path(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tenso
     """The path `w8a16_linear` takes for these arguments, and why (comments)."""
     if _needs_grad(x, scales):
         return "reference"  # someone wants d(out)/dx: only the plain-PyTorch path is differentiable
-    if x.device.type != "cpu":
-        return "reference"  # CUDA & co: dequantize (one cheap kernel) + cuBLAS/vendor GEMM
     m = x.numel() // max(1, x.shape[-1])
     if m == 0 or x.shape[-1] == 0 or int8_weights.shape[0] == 0:
         return "reference"  # empty: nothing to speed up, and the fast kernels are not tested on it
+    if x.device.type != "cpu":
+        if x.device.type == "cuda" and m <= gpu.MAX_M and gpu.available(x) and gpu.passes_first_use_check(x):
+            return "triton"  # decode on CUDA: int8 read once (checked against the reference on first use)
+        return "reference"  # CUDA & co: dequantize (one cheap kernel) + cuBLAS/vendor GEMM
     if m <= NATIVE_MAX_M and native_supported(x, int8_weights, scales):
         return "native"  # decode, prefill of short prompts, small batches: int8 read once, fp32 accumulation
     if m <= PACK_MAX_M.get(x.dtype, 0) and int8pack_supported(x, int8_weights, scales):
@@ -264,7 +274,13 @@ def _check_args(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: to
             raise ValueError(f"{name} must be floating point of shape ({w.shape[0]},), got {t.dtype} {tuple(t.shape)}")
 
 
-_IMPLS = {"reference": reference_linear, "native": native_linear, "int8pack": int8pack_linear, "tiled": tiled_linear}
+_IMPLS = {
+    "reference": reference_linear,
+    "native": native_linear,
+    "int8pack": int8pack_linear,
+    "tiled": tiled_linear,
+    "triton": gpu.triton_linear,
+}
 
 
 def w8a16_linear(

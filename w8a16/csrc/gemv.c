@@ -151,9 +151,9 @@ static inline void store(void *y, int64_t i, int64_t o, float dot, const void *s
     else ((float *)y)[i] = v;
 }
 
-/* Blocks of four output rows are split across threads; each weight row is read from memory once and reused
- * from L1 for every row of x. bf16 x is widened to fp32 once, up front. Returns the SIMD width in floats it
- * was built for (8 with AVX2, 1 without), or -1 if it could not allocate. */
+/* Blocks of output rows (four at M=1, two in `tile2` tiles at M > 1) are split across threads; each weight row
+ * is read from memory once and reused from L1 for every row of x. bf16 x is widened to fp32 once, up front.
+ * Returns the SIMD width in floats it was built for (8 with AVX2, 1 without), or -1 if it could not allocate. */
 int w8a16_gemv(const int8_t *w, const void *x_in, const void *scales, const void *bias, void *y,
                int64_t m, int64_t n, int64_t k, int threads, int x_bf16, int params_bf16, int y_bf16) {
     const float *x = (const float *)x_in;
