@@ -286,3 +286,13 @@ def test_decode_step_steps_aside_when_the_kernel_goes_away(monkeypatch):
     monkeypatch.setattr(native, "_state", {"lib": None, "error": "gone"})
     assert layer._decode_step(x) is None
     assert torch.allclose(layer(x), out, rtol=1e-5, atol=1e-5)
+
+
+@native_only
+def test_fp16_layers_take_the_general_native_path_without_a_prepared_copy():
+    layer = decode_layer(torch.float16)
+    x = torch.randn(1, 100, dtype=torch.float16)
+    out = layer(x)
+    assert layer._decode is None  # fp16 scales need converting for the C kernel: no prepared weights to reuse
+    ref = x.double() @ layer.dequantized_weight(torch.float64).T + layer.bias.double()
+    assert torch.allclose(out.double(), ref, rtol=5e-3, atol=5e-3 * float(ref.abs().max()))

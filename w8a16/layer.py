@@ -119,10 +119,10 @@ class W8A16LinearLayer(nn.Module):
             # Once, not per call: the fast CPU kernel needs a contiguous, 64-byte aligned weight, and tensors
             # loaded from a safetensors file are often only 8-byte aligned. Same values, so state_dict agrees.
             self.int8_weights = aligned_copy(self.int8_weights)
-        if kernels.choose_path(x, self.int8_weights, self.scales) == "native":
+        if self.scales.dtype in native.DTYPES and kernels.choose_path(x, self.int8_weights, self.scales) == "native":
             try:
                 self._decode = native.PreparedWeights(self.int8_weights, self.scales, self.bias)
-            except ValueError:  # scales and bias need converting: the general path does that on every call
+            except ValueError:  # e.g. a bias of another dtype: the general path converts it on every call
                 self._decode = None
         return w8a16_linear(x, self.int8_weights, self.scales, self.bias)
 

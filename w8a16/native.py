@@ -74,7 +74,7 @@ def _build_and_load() -> ctypes.CDLL | None:
     return lib
 
 
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the C code reads and writes; fp16 goes through fp32
+DTYPES = (torch.float32, torch.bfloat16)  # what the C code reads and writes; fp16 goes through fp32
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,8 +106,8 @@ def gemv(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tensor, bias
         raise ValueError("native gemv: needs CPU tensors and an int8 weight")
     if not (x.is_floating_point() and scales.is_floating_point() and (bias is None or bias.is_floating_point())):
         raise ValueError("native gemv: x, scales and bias must be floating point")
-    io_dtype = x.dtype if x.dtype in _NATIVE_DTYPES else torch.float32
-    params_dtype = scales.dtype if scales.dtype in _NATIVE_DTYPES and (bias is None or bias.dtype == scales.dtype) else torch.float32
+    io_dtype = x.dtype if x.dtype in DTYPES else torch.float32
+    params_dtype = scales.dtype if scales.dtype in DTYPES and (bias is None or bias.dtype == scales.dtype) else torch.float32
     xc, w, s, b = _as(x, io_dtype), _as(int8_weights, torch.int8), _as(scales, params_dtype), bias
     if b is not None:
         b = _as(b, params_dtype)
@@ -150,7 +150,7 @@ class PreparedWeights:
             and int8_weights.dtype == torch.int8
             and int8_weights.is_contiguous()
             and all(t.shape == (n,) and t.is_contiguous() and t.dtype == scales.dtype for t in params)
-            and scales.dtype in _NATIVE_DTYPES
+            and scales.dtype in DTYPES
             and all(t.device.type == "cpu" for t in (int8_weights, *params))
         ):
             raise ValueError("PreparedWeights: needs a non-empty contiguous CPU int8 weight and (out,) fp32/bf16 scales/bias")
@@ -176,7 +176,7 @@ class PreparedWeights:
     def run(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer's output for ``x`` of shape ``(..., k)``, or None where ``x`` is not in the C contract
         (another dtype or device, not contiguous); the caller then takes the general path."""
-        if not (x.dtype in _NATIVE_DTYPES and x.is_cpu and x.is_contiguous()):
+        if not (x.dtype in DTYPES and x.is_cpu and x.is_contiguous()):
             return None
         n, k = self.shape
         if x.shape[-1] != k:
