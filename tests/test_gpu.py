@@ -136,3 +136,19 @@ def test_tensors_on_another_device_are_refused_before_any_pointer_is_taken():
     x = torch.randn(1, 64)
     with pytest.raises(ValueError, match="must be on"):
         gpu.triton_linear(x, torch.zeros(8, 64, dtype=torch.int8, device="meta"), torch.ones(8))
+
+
+def test_a_failure_on_a_later_shape_falls_back_to_the_reference_and_switches_off(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources on this shape")
+
+    monkeypatch.setattr(gpu, "_checked", {})
+    monkeypatch.setattr(gpu, "triton_linear", broken)
+    monkeypatch.setattr(kernels, "choose_path", lambda x, w, s: "triton")  # as on CUDA at decode
+    x = torch.randn(1, 64)
+    w = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+    s = torch.rand(8) / 50
+    with pytest.warns(RuntimeWarning, match="switched off.*out of resources"):
+        out = kernels.w8a16_linear(x, w, s)
+    assert torch.allclose(out, kernels.reference_linear(x, w, s))
+    assert gpu._checked[(str(x.device), x.dtype)] is False

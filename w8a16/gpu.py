@@ -10,7 +10,8 @@ at the end, and the result is rounded to ``x.dtype`` once — the same maths as 
 Guards: `available()` is False without Triton or without a CUDA device; the first call on each device and
 dtype compares the kernel with `kernels.reference_linear` on a small problem, and any error or disagreement
 switches it off for that device and dtype with a warning, so a Triton or driver problem costs speed, never a
-wrong answer. Tile sizes are picked by ``triton.autotune`` on the first call for each shape.
+wrong answer; an error on a later shape does the same (`switch_off`, called by the dispatcher). Tile sizes
+are picked by ``triton.autotune`` on the first call for each shape.
 
 Not measured yet: the project has not had a GPU to time it on (see the README). ``W8A16_TRITON=0`` switches it
 off. Triton's interpreter (``TRITON_INTERPRET=1``) runs the same kernel on CPU tensors, which is how the tests
@@ -121,6 +122,21 @@ def passes_first_use_check(x: torch.Tensor) -> bool:
     return _checked[key]
 
 
+def switch_off(x: torch.Tensor, reason: str) -> None:
+    """Stop using the kernel on ``x``'s device and dtype (after a failure on a new shape), with a warning."""
+    _checked[(str(x.device), x.dtype)] = False
+    _warn_off(x.device, x.dtype, reason)
+
+
+def _warn_off(device: torch.device, dtype: torch.dtype, reason: str) -> None:
+    warnings.warn(
+        f"w8a16: the Triton kernel is switched off on {device} for {dtype} ({reason}); "
+        "using dequantize + matmul there instead",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
     from .kernels import reference_linear  # here, not at import: kernels imports this module
 
@@ -138,10 +154,5 @@ def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
     except Exception as err:  # any Triton, compiler or driver failure: fall back, do not crash the model
         ok, reason = False, f"{type(err).__name__}: {err}"
     if not ok:
-        warnings.warn(
-            f"w8a16: the Triton kernel is switched off on {device} for {dtype} ({reason}); "
-            "using dequantize + matmul there instead",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        _warn_off(device, dtype, reason)
     return ok

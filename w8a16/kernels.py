@@ -299,6 +299,12 @@ def w8a16_linear(
     _check_args(x, int8_weights, scales, bias)
     if path is None:
         path = choose_path(x, int8_weights, scales)
+        if path == "triton":  # compiled per shape on first use: a failure there must not take the model down
+            try:
+                return gpu.triton_linear(x, int8_weights, scales, bias)
+            except Exception as err:  # noqa: BLE001 — any Triton/driver error: switch it off, answer correctly
+                gpu.switch_off(x, f"{type(err).__name__}: {err}")
+                path = "reference"
     elif path not in supported_paths(x, int8_weights, scales):
         raise ValueError(f"path {path!r} is not supported here; choose from {supported_paths(x, int8_weights, scales)}")
     return _IMPLS[path](x, int8_weights, scales, bias)
