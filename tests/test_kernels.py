@@ -313,3 +313,12 @@ def test_native_refuses_a_directory_others_can_write(monkeypatch, tmp_path):
     shared.chmod(0o777)
     assert native.library() is None
     assert "not a private directory" in native.unavailable_reason()
+
+
+def test_fp64_inputs_keep_fp64_precision():
+    """The fast paths compute in fp32; an fp64 input goes to the reference, which stays in fp64."""
+    w, s, b = make_args(1000, 24, torch.float64, "cpu")
+    x = torch.randn(1, 1000, dtype=torch.float64)
+    assert kernels.supported_paths(x, w, s) == ["reference"] and kernels.choose_path(x, w, s) == "reference"
+    out = w8a16_linear(x, w, s, b)
+    torch.testing.assert_close(out, fp64_reference(x, w, s, b), rtol=1e-12, atol=1e-12)

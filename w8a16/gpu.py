@@ -20,6 +20,7 @@ check it on machines without a GPU.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import threading
@@ -42,9 +43,14 @@ def interpreted() -> bool:
 
 def available(x: torch.Tensor) -> bool:
     """Whether the kernel may serve ``x``: Triton installed, not switched off, and a device it runs on."""
-    if os.environ.get("W8A16_TRITON", "1") == "0" or importlib.util.find_spec("triton") is None:
+    if os.environ.get("W8A16_TRITON", "1") == "0" or not _triton_installed():
         return False
     return x.device.type == "cuda" or (interpreted() and x.device.type == "cpu")
+
+
+@functools.cache
+def _triton_installed() -> bool:  # asked on every CUDA call: look on disk once
+    return importlib.util.find_spec("triton") is not None
 
 
 def _kernel():

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from . import gpu, native
 
 PATHS = ("reference", "native", "int8pack", "tiled", "triton")
+FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations the fast paths serve (fp32 inside)
 
 ALIGNMENT = 64  # bytes; _weight_int8pack_mm segfaults on less (seen on activations at a 4-byte offset)
 PACK_K_MULTIPLE = 16  # _weight_int8pack_mm returns garbage when in_features is not a multiple of 16
@@ -231,6 +232,8 @@ def supported_paths(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.T
     """Every path that gives a correct answer for these arguments (the tests run each one)."""
     if _needs_grad(x, scales):
         return ["reference"]  # the fast paths write into out= buffers, which autograd cannot follow
+    if x.dtype not in FAST_DTYPES:
+        return ["reference"]  # the fast paths compute in fp32: less than an fp64 input asks for
     paths = ["reference", "tiled"]
     if gpu.available(x) and int8_weights.device == scales.device == x.device:
         paths.append("triton")
@@ -249,6 +252,8 @@ def choose_path(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tenso
     """The path `w8a16_linear` takes for these arguments, and why (comments)."""
     if _needs_grad(x, scales):
         return "reference"  # someone wants d(out)/dx: only the plain-PyTorch path is differentiable
+    if x.dtype not in FAST_DTYPES:
+        return "reference"  # fp64: the fast paths compute in fp32, the reference in x's own precision
     m = x.numel() // max(1, x.shape[-1])
     if m == 0 or x.shape[-1] == 0 or int8_weights.shape[0] == 0:
         return "reference"  # empty: nothing to speed up, and the fast kernels are not tested on it
