@@ -14,8 +14,9 @@
     and switched off there if it disagrees or fails. Not yet timed on a GPU (the project has not had one).
 ``reference``
     Dequantize the whole weight to ``x.dtype``, then ``F.linear``. Always correct, any device. On CUDA it is
-    the path for larger batches (one elementwise kernel + cuBLAS on the tensor cores). On a CPU it is slow: most of its time goes into allocating
-    and first-touching a fresh full-size dense weight on every call (4096×4096 bf16: 32 MiB of page faults).
+    the path for larger batches (one elementwise kernel + cuBLAS on the tensor cores). On a CPU it is slow:
+    most of its time goes into allocating and first-touching a fresh full-size dense weight on every call
+    (4096×4096 bf16: 32 MiB of page faults).
 ``int8pack``
     ``torch._weight_int8pack_mm``: PyTorch's CPU kernel that reads the int8 weight directly and converts it in
     registers (1 byte per weight instead of 2): the small-batch bf16 path where no C compiler is available. It

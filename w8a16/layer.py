@@ -101,8 +101,8 @@ class W8A16LinearLayer(nn.Module):
         buffers = self._buffers
         if not prepared.is_for(buffers["int8_weights"], buffers["scales"], buffers["bias"]):
             return None
-        if x.ndim == 0 or x.shape[-1] != self.in_features or not 0 < x.numel() // self.in_features <= kernels.NATIVE_MAX_M:
-            return None
+        if x.ndim == 0 or not 0 < x.numel() // self.in_features <= kernels.NATIVE_MAX_M:
+            return None  # (the width of x is checked by `run`)
         if torch.is_grad_enabled() and (x.requires_grad or prepared.scales.requires_grad):
             return None
         return prepared.run(x)
