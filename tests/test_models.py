@@ -162,17 +162,51 @@ def test_hf_hub_offline_is_honoured(monkeypatch, tiny_configs, capsys):
     assert "RANDOM WEIGHTS" in capsys.readouterr().out
 
 
-def test_a_failing_load_falls_back_with_the_reason(monkeypatch, tiny_configs, capsys):
+def _hub_up(monkeypatch, answers=None):
+    """Hub reachable (or the probe answers ``answers`` in turn), no offline variables."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(M, "hub_reachable", lambda timeout=3.0: True)
+    answers = list(answers or [])
+    monkeypatch.setattr(M, "hub_reachable", lambda timeout=3.0: answers.pop(0) if answers else True)
 
+
+def _failing_codegen(monkeypatch, error: BaseException) -> None:
     def broken(*args, **kwargs):
-        raise ValueError("corrupt checkpoint")
+        raise error
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", broken)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ValueError("model type 'codegen9' not recognised"), MemoryError(), RuntimeError("size mismatch"),
+     OSError("Salesforce/codegen-350M-mon is not a valid model identifier")],
+    ids=["version-mismatch", "out-of-memory", "corrupt", "typo-in-id"],
+)
+def test_a_failing_load_with_the_hub_up_raises_with_advice(monkeypatch, tiny_configs, capsys, error):
+    """Only an unreachable hub justifies random weights: anything else raises, saying what to do."""
+    _hub_up(monkeypatch)
+    _failing_codegen(monkeypatch, error)
+    with pytest.raises(M.ModelLoadError, match="no random-weight stand-in was built") as info:
+        M.load_codegen()
+    assert type(error).__name__ in str(info.value) and "upgrade transformers" in str(info.value)
+    assert info.value.__cause__ is error
+    assert "RANDOM" not in capsys.readouterr().out
+
+
+def test_offline_a_cached_model_that_fails_to_load_raises(monkeypatch, tiny_configs):
+    """HF_HUB_OFFLINE with the model cached but unreadable by this transformers: not a reason for random weights."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _failing_codegen(monkeypatch, ValueError("checkpoint needs a newer transformers"))
+    with pytest.raises(M.ModelLoadError, match="newer transformers"):
+        M.load_codegen()
+
+
+def test_the_hub_going_away_during_the_download_falls_back(monkeypatch, tiny_configs, capsys):
+    _hub_up(monkeypatch, answers=[True, False])  # reachable at first, gone when the download failed
+    _failing_codegen(monkeypatch, OSError("connection reset"))
     loaded = M.load_codegen()
-    assert not loaded.is_pretrained and "corrupt checkpoint" in loaded.reason
+    assert not loaded.is_pretrained and "not reachable" in loaded.reason
     assert "RANDOM WEIGHTS" in capsys.readouterr().out
 
 

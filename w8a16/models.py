@@ -212,24 +212,46 @@ def _load(
     fallback: Callable[[str], LoadedModel],
     verbose: bool,
 ) -> LoadedModel:
-    """Try ``from_pretrained`` (the local cache only, when the hub is off or unreachable), else the fallback."""
+    """Try ``from_pretrained``; fall back to random weights only when the hub cannot be reached.
+
+    "Cannot be reached" means ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set or a TCP connect to the hub
+    fails, *and* the model is not in the local cache (transformers then raises ``OSError``). Anything else — a
+    typo in the id, a transformers too old for the checkpoint, out of memory, a corrupt download — is a real
+    problem that random weights would only hide, so it raises `ModelLoadError` saying what to do.
+    """
     offline = hub_offline()
     reachable = not offline and hub_reachable()
     try:
         # Quiet: transformers/huggingface_hub log retries and warnings to stderr, which notebooks must not show.
         with _quiet():
             loaded = pretrained(not reachable)
-    except Exception as err:  # noqa: BLE001 — any failure to load the real model means "use the fallback"
+    except OSError as err:
+        if reachable and hub_reachable():  # the hub answered, so this is not a connectivity problem
+            raise ModelLoadError(_advice(model_id, err)) from err
         if offline:
             reason = f"HF_HUB_OFFLINE is set and {model_id} is not in the local cache."
-        elif not reachable:
-            reason = f"The Hugging Face hub is not reachable and {model_id} is not in the local cache."
         else:
-            reason = f"Loading {model_id} failed ({type(err).__name__}: {str(err).splitlines()[0][:120]})."
+            reason = f"The Hugging Face hub is not reachable and {model_id} is not in the local cache."
         loaded = fallback(reason)
+    except Exception as err:  # noqa: BLE001 — re-raised with advice, never swallowed
+        raise ModelLoadError(_advice(model_id, err)) from err
     if verbose:
         print(loaded)
     return loaded
+
+
+class ModelLoadError(RuntimeError):
+    """``from_pretrained`` failed for a reason other than an unreachable hub (see `_load`)."""
+
+
+def _advice(model_id: str, err: BaseException) -> str:
+    first = (str(err).splitlines() or [""])[0][:300]
+    return (
+        f"Loading {model_id} failed ({type(err).__name__}: {first}). This is not a missing network, so no "
+        "random-weight stand-in was built. Check the model id, upgrade transformers "
+        "(pip install -U transformers) if the checkpoint is newer than it, and make sure there is memory for "
+        "the model; or set HF_HUB_OFFLINE=1 to work with the random-weight stand-in on purpose."
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
