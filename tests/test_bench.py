@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from w8a16 import bench, kernels
+from w8a16 import bench, ops
 
 
 def test_layer_rows_columns_and_paths():
@@ -16,7 +16,7 @@ def test_layer_rows_columns_and_paths():
     assert len(rows) == 2 * 2 * 3
     for r in rows:
         assert r["ms"] > 0 and r["vs_dense"] > 0 and r["weight_GBps"] > 0
-    assert {r["path"] for r in rows if r["impl"] == "w8a16"} <= set(kernels.PATHS)
+    assert {r["path"] for r in rows if r["impl"] == "w8a16"} <= set(ops.PATHS)
 
 
 def test_third_party_status_says_installed_or_not():

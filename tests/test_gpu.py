@@ -1,6 +1,6 @@
 """gpu.py: the Triton kernel's guards everywhere, and its maths in Triton's CPU interpreter where Triton is installed.
 
-On a machine with a GPU, test_kernels.py runs the kernel on CUDA through the device fixture (it is one of the
+On a machine with a GPU, test_dispatch.py runs the kernel on CUDA through the device fixture (it is one of the
 supported paths there). Without one, Triton's interpreter (``TRITON_INTERPRET=1``, in a subprocess, since Triton
 reads it on first use) runs the very same kernel on CPU tensors. CI installs no Triton: there only the guards run.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from w8a16 import gpu, kernels
+from w8a16 import ops
+from w8a16.ops import dispatch, gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -25,7 +26,7 @@ def test_not_offered_on_a_cpu_outside_the_interpreter(monkeypatch):
     x = torch.randn(1, 64)
     assert not gpu.available(x)
     w = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
-    assert "triton" not in kernels.supported_paths(x, w, torch.rand(8))
+    assert "triton" not in ops.supported_paths(x, w, torch.rand(8))
 
 
 def test_switched_off_by_the_environment(monkeypatch):
@@ -38,7 +39,7 @@ def test_never_chosen_on_a_cpu_even_when_interpreted(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     w = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
     with torch.no_grad():
-        assert kernels.choose_path(torch.randn(1, 64), w, torch.rand(8)) != "triton"
+        assert ops.choose_path(torch.randn(1, 64), w, torch.rand(8)) != "triton"
 
 
 @pytest.mark.parametrize(
@@ -68,8 +69,7 @@ def test_first_use_check_runs_once_per_device_and_dtype(monkeypatch):
 
 INTERPRETER_CASES = """
 import torch
-from w8a16 import kernels
-from w8a16.kernels import w8a16_linear
+from w8a16.ops import w8a16_linear
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 g = torch.Generator().manual_seed(0)
@@ -115,14 +115,15 @@ def test_kernel_in_the_interpreter_on_every_shape_that_can_go_wrong():
 def test_kernel_in_the_interpreter_matches_the_reference_and_passes_its_own_check():
     code = (
         "import torch\n"
-        "from w8a16 import gpu, kernels\n"
+        "from w8a16 import ops\n"
+        "from w8a16.ops import gpu\n"
         "x = torch.randn(3, 300, dtype=torch.bfloat16)\n"
         "w = torch.randint(-127, 128, (37, 300), dtype=torch.int8)\n"
         "s = torch.rand(37, dtype=torch.bfloat16) / 50\n"
-        "assert 'triton' in kernels.supported_paths(x, w, s)\n"
+        "assert 'triton' in ops.supported_paths(x, w, s)\n"
         "assert gpu.passes_first_use_check(x)\n"
-        "out = kernels.w8a16_linear(x, w, s, path='triton')\n"
-        "ref = kernels.reference_linear(x.double(), w, s.double())\n"
+        "out = ops.w8a16_linear(x, w, s, path='triton')\n"
+        "ref = ops.reference_linear(x.double(), w, s.double())\n"
         "assert out.dtype == torch.bfloat16 and (out.double() - ref).abs().max() <= 2e-2 * ref.abs().max()\n"
         "print('ok')\n"
     )
@@ -144,11 +145,11 @@ def test_a_failure_on_a_later_shape_falls_back_to_the_reference_and_switches_off
 
     monkeypatch.setattr(gpu, "_checked", {})
     monkeypatch.setattr(gpu, "triton_linear", broken)
-    monkeypatch.setattr(kernels, "choose_path", lambda x, w, s: "triton")  # as on CUDA at decode
+    monkeypatch.setattr(dispatch, "choose_path", lambda *args: "triton")  # as on CUDA at decode
     x = torch.randn(1, 64)
     w = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
     s = torch.rand(8) / 50
     with pytest.warns(RuntimeWarning, match="switched off.*out of resources"):
-        out = kernels.w8a16_linear(x, w, s)
-    assert torch.allclose(out, kernels.reference_linear(x, w, s))
+        out = ops.w8a16_linear(x, w, s)
+    assert torch.allclose(out, ops.reference_linear(x, w, s))
     assert gpu._checked[(str(x.device), x.dtype)] is False

@@ -186,13 +186,13 @@ def decode_layer(dtype=torch.bfloat16, bias=True, in_features=100, out_features=
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_step_is_bit_identical_to_the_native_path(dtype, bias, leading):
-    from w8a16.kernels import w8a16_linear
+    from w8a16.ops import w8a16_linear
 
     layer = decode_layer(dtype, bias)
     x = torch.randn(*leading, 100).to(dtype)
     expected = w8a16_linear(x, layer.int8_weights, layer.scales, layer.bias, path="native")
     first = layer(x)  # checked path, leaves the prepared weights behind
-    assert layer._decode is not None
+    assert layer._prepared is not None
     second = layer(x)  # the fast path
     assert layer._decode_step(x) is not None
     for out in (first, second):
@@ -201,15 +201,15 @@ def test_decode_step_is_bit_identical_to_the_native_path(dtype, bias, leading):
 
 @native_only
 def test_decode_step_hands_everything_else_to_the_checked_path():
-    from w8a16 import kernels
+    from w8a16.ops import dispatch
 
     layer = decode_layer(torch.bfloat16)
     layer(torch.randn(1, 100, dtype=torch.bfloat16))
-    assert layer._decode is not None
+    assert layer._prepared is not None
     others = {
         "fp16": torch.randn(1, 100, dtype=torch.float16),
         "non-contiguous": torch.randn(100, 2, dtype=torch.bfloat16).t()[:1],
-        "prefill": torch.randn(kernels.NATIVE_MAX_M + 1, 100, dtype=torch.bfloat16),
+        "prefill": torch.randn(dispatch.NATIVE_MAX_M + 1, 100, dtype=torch.bfloat16),
         "empty": torch.randn(0, 100, dtype=torch.bfloat16),
         "needs grad": torch.randn(1, 100, dtype=torch.bfloat16, requires_grad=True),
     }
@@ -228,7 +228,7 @@ def test_decode_step_hands_everything_else_to_the_checked_path():
 def test_decode_step_still_refuses_bad_input_clearly(bad):
     layer = decode_layer(torch.float32)
     layer(torch.randn(1, 100))
-    assert layer._decode is not None
+    assert layer._prepared is not None
     with pytest.raises(ValueError, match="W8A16LinearLayer"):
         layer(bad)
 
@@ -267,13 +267,13 @@ def test_decode_cache_is_not_pickled_or_shared_by_copies(tmp_path):
     x = torch.randn(1, 100, dtype=torch.bfloat16)
     out = layer(x)
     twin = copy.deepcopy(layer)
-    assert twin._decode is None or twin._decode.weights is twin.int8_weights
+    assert twin._prepared is None or twin._prepared.weights is twin.int8_weights
     twin.int8_weights.zero_()
     assert torch.equal(layer(x), out)  # the copy's changes never reach the original, nor the reverse
     assert torch.equal(twin(x), twin.bias.expand(1, 37))
     torch.save(layer, tmp_path / "layer.pt")
     loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
-    assert loaded._decode is None and torch.equal(loaded(x), out)
+    assert loaded._prepared is None and torch.equal(loaded(x), out)
 
 
 @native_only
@@ -293,6 +293,6 @@ def test_fp16_layers_take_the_general_native_path_without_a_prepared_copy():
     layer = decode_layer(torch.float16)
     x = torch.randn(1, 100, dtype=torch.float16)
     out = layer(x)
-    assert layer._decode is None  # fp16 scales need converting for the C kernel: no prepared weights to reuse
+    assert layer._prepared is None  # fp16 scales need converting for the C kernel: no prepared weights to reuse
     ref = x.double() @ layer.dequantized_weight(torch.float64).T + layer.bias.double()
     assert torch.allclose(out.double(), ref, rtol=5e-3, atol=5e-3 * float(ref.abs().max()))

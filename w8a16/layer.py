@@ -1,9 +1,19 @@
 """`W8A16LinearLayer`: a drop-in for `nn.Linear` that stores int8 weights and one scale per output row.
 
-The module is a thin shell around the functional core (`quant.py`) and the matmul (`kernels.py`): it owns
-three buffers and checks its input. Buffers, not parameters, because nothing here is trained; and since
-`Module.to(dtype)` only casts floating-point tensors, `model.half()` or `model.to(torch.bfloat16)` casts the
-scales and the bias but can never touch the int8 weights.
+    y = x @ (int8_weights · scales[:, None]).T + bias        # ops.reference_linear: fp32 inside, one rounding
+
+The module owns three buffers and calls one registered op (`ops.linear`, i.e. ``torch.ops.w8a16.linear``), so
+``torch.compile``, ``torch.export``, autocast and autograd all see an ordinary PyTorch op. Buffers, not
+parameters, because the weights are not trained; ``Module.to(dtype)`` only casts floating-point tensors, so
+``model.half()`` casts the scales and the bias but never the int8 weights. A bias may be made a trainable
+``nn.Parameter`` (BitFit): gradients flow to it, and to the input (LoRA on a frozen quantized base).
+
+One cache, for speed only: at decode every layer is called once per token for a single row of x, and the op's
+generic checks and dispatch cost about as much as reading a 1024×1024 int8 weight. So in eager mode, once the
+dispatcher has chosen the C kernel for this layer, the layer keeps its weights' prepared pointers
+(`native.PreparedWeights`) and later decode calls go straight to the kernel. The cache is dropped whenever a
+buffer is replaced, moved or cast (``.to()``, ``load_state_dict(assign=True)``, ``layer.bias = ...``), and it
+is never consulted while tracing.
 """
 
 from __future__ import annotations
@@ -11,8 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernels, native, quant
-from .kernels import aligned_copy, is_aligned, w8a16_linear
+from . import native, ops, quant
+from .ops.cpu import aligned_copy, is_aligned
+
+_BUFFERS = ("int8_weights", "scales", "bias")
 
 
 class W8A16LinearLayer(nn.Module):
@@ -33,6 +45,11 @@ class W8A16LinearLayer(nn.Module):
         super().__init__()
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be floating point (the dtype of scales and bias), got {dtype}")
+        if in_features < 1 or out_features < 0:
+            raise ValueError(
+                f"W8A16LinearLayer({in_features}→{out_features}): in_features must be ≥ 1 (a row of no weights has "
+                "no absmax to take a scale from) and out_features ≥ 0"
+            )
         self.in_features = in_features
         self.out_features = out_features
         # Random int8 weights until quantize() or load_state_dict() fills them, as in the seed.
@@ -42,7 +59,6 @@ class W8A16LinearLayer(nn.Module):
         )
         self.register_buffer("scales", torch.randn(out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.randn(out_features, dtype=dtype, device=device) if bias else None)
-        self._decode: native.PreparedWeights | None = None  # see _decode_step
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "W8A16LinearLayer":
@@ -85,29 +101,73 @@ class W8A16LinearLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._decode_step(x)
-        return y if y is not None else self._checked_forward(x)
+        if y is not None:
+            return y
+        self._check_input(x)
+        self._prepare(x)
+        return ops.linear(x, self.int8_weights, self.scales, self.bias)
+
+    # ---- the eager decode cache (see the module docstring) -------------------------------------------------
 
     def _decode_step(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The native decode path with nothing but the per-call checks, or None to take `_checked_forward`.
-
-        A decode step calls every layer once for a single row of x, so the general path's checks, dispatch and
-        conversions (~30 µs) cost about as much as reading a 1024×1024 int8 weight; they are done once, in
-        `_checked_forward`, which leaves a `native.PreparedWeights` here when the dispatcher chose ``native``.
-        This repeats that choice for the cases it covers (`kernels.choose_path`) and nothing else.
-        """
-        prepared = self.__dict__.get("_decode")
-        if prepared is None:
-            return None
+        """The C kernel straight on the prepared weights, or None where anything is not as it was prepared."""
+        prepared = self.__dict__.get("_prepared")
+        if prepared is None or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+            return None  # nothing prepared, or tracing (compile, export): the op, never pointers
         buffers = self._buffers
-        if not prepared.is_for(buffers["int8_weights"], buffers["scales"], buffers["bias"]):
+        w, s, b = buffers.get("int8_weights"), buffers.get("scales"), buffers.get("bias")
+        if not (w is not None and s is not None and w.is_contiguous() and prepared.is_for(w, s, b)):
+            self._forget_prepared()  # a buffer was replaced, re-strided or its storage swapped
             return None
-        if x.ndim == 0 or not 0 < x.numel() // self.in_features <= kernels.NATIVE_MAX_M:
+        if x.ndim == 0 or not 0 < x.numel() // self.in_features <= ops.dispatch.NATIVE_MAX_M:
             return None  # (the width of x is checked by `run`)
-        if torch.is_grad_enabled() and (x.requires_grad or prepared.scales.requires_grad):
-            return None
+        if torch.is_grad_enabled() and x.requires_grad or torch.is_autocast_enabled("cpu"):
+            return None  # the op knows autograd and autocast
         return prepared.run(x)
 
-    def _checked_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, x: torch.Tensor) -> None:
+        """In eager mode on a CPU: align the weight once, and keep `native.PreparedWeights` where the C kernel serves
+        this layer's decode calls."""
+        if self.__dict__.get("_prepared") is not None or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+            return
+        w, s = self._buffers.get("int8_weights"), self._buffers.get("scales")
+        if w is None or s is None or w.device.type != "cpu" or w.is_meta:
+            return
+        if not is_aligned(w):
+            # Once, not per call: the fast kernels need a contiguous, 64-byte aligned weight, and tensors loaded
+            # from a safetensors file are often only 8-byte aligned. Same values, so state_dict agrees.
+            self.int8_weights = w = aligned_copy(w)
+        if "bias" in self._buffers and x.dtype in native.DTYPES and ops.dispatch.native_supported(x, w, s):
+            try:
+                self.__dict__["_prepared"] = native.PreparedWeights(w, s, self._buffers["bias"])
+            except ValueError:  # e.g. fp16 scales or a bias of another dtype: the op converts them on every call
+                pass
+
+    def _forget_prepared(self) -> None:
+        self.__dict__["_prepared"] = None
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _BUFFERS:
+            self._forget_prepared()
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in _BUFFERS:
+            self._forget_prepared()
+        super().__delattr__(name)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._forget_prepared()  # .to(), .cuda(), .half(), to_empty(): the prepared pointers would be stale
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_prepared"] = None  # pointers into this process's memory: rebuilt on the first call after loading
+        return state
+
+    # ---- checks ---------------------------------------------------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(
                 f"W8A16LinearLayer({self.in_features}→{self.out_features}) got input of shape "
@@ -115,24 +175,37 @@ class W8A16LinearLayer(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"W8A16LinearLayer expects a floating-point input, got {x.dtype}")
-        if self.int8_weights.device.type == "cpu" and not is_aligned(self.int8_weights):
-            # Once, not per call: the fast CPU kernel needs a contiguous, 64-byte aligned weight, and tensors
-            # loaded from a safetensors file are often only 8-byte aligned. Same values, so state_dict agrees.
-            self.int8_weights = aligned_copy(self.int8_weights)
-        if self.scales.dtype in native.DTYPES and kernels.choose_path(x, self.int8_weights, self.scales) == "native":
-            try:
-                self._decode = native.PreparedWeights(self.int8_weights, self.scales, self.bias)
-            except ValueError:  # e.g. a bias of another dtype: the general path converts it on every call
-                self._decode = None
-        return w8a16_linear(x, self.int8_weights, self.scales, self.bias)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_decode"] = None  # pointers into this process's memory: rebuilt on the first call after loading
-        return state
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Refuse what ``load_state_dict`` would silently convert: float weights truncated to int8, integer scales."""
+        where = f"W8A16LinearLayer {prefix.rstrip('.') or '(top level)'}"
+        weights, scales, bias = (state_dict.get(prefix + name) for name in _BUFFERS)
+        errors = []
+        if weights is not None and weights.dtype != torch.int8:
+            errors.append(f"{where}: int8_weights must be int8, got {weights.dtype} (quantize float weights "
+                          "with layer.quantize(w) instead)")
+        for name, t in (("scales", scales), ("bias", bias)):
+            if t is not None and not t.is_floating_point():
+                errors.append(f"{where}: {name} must be floating point, got {t.dtype}")
+        if errors:
+            error_msgs.extend(errors)  # load_state_dict raises with them, naming this layer
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._forget_prepared()
+
+    def decode_path(self) -> str:
+        """The path a one-row call in the layer's dtype takes here (``native``, ``triton``, ``int8pack``, ...)."""
+        w, s = self.int8_weights, self.scales
+        if w.is_meta:
+            return "none yet (on meta)"
+        probe = torch.zeros(1, self.in_features, dtype=s.dtype, device=w.device)
+        return ops.choose_path(probe, w, s, self.bias)
 
     def extra_repr(self) -> str:
+        decode = self.decode_path() if "bias" in self._parameters | self._buffers else "?"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, dtype={self.scales.dtype}"
+            f"bias={self.bias is not None}, dtype={self.scales.dtype}, decode={decode}"
         )
