@@ -153,3 +153,33 @@ def test_a_failure_on_a_later_shape_falls_back_to_the_reference_and_switches_off
         out = ops.w8a16_linear(x, w, s)
     assert torch.allclose(out, ops.reference_linear(x, w, s))
     assert gpu._checked[(str(x.device), x.dtype)] is False
+
+
+BEYOND_INT32 = """
+import torch
+from w8a16.ops import gpu
+
+# N·K > 2³¹: rows past byte 2³¹ of the weight are only reachable with 64-bit offsets (int32 would wrap around
+# to the start of the weight). One weight tile per program, so the interpreter has few steps to run.
+k, n = 1 << 16, (1 << 15) + 64
+kernel, _ = gpu._kernel()
+gpu._kernel_cache[0] = (kernel, {"BLOCK_N": 16, "BLOCK_K": k})  # 2²⁰ elements: the interpreter's largest tile
+w = torch.zeros(n, k, dtype=torch.int8)
+w[-64:] = torch.randint(-127, 128, (64, k), dtype=torch.int8)
+w[:64] = 1  # what a wrapped-around offset would read instead
+s = torch.rand(n) / 50 + 1e-3
+x = torch.randn(1, k)
+out = gpu.triton_linear(x, w, s)
+ref = (x.double() @ w[-64:].double().T) * s[-64:].double()
+assert out.shape == (1, n)
+assert torch.allclose(out[:, -64:].double(), ref, rtol=1e-4, atol=1e-3), (out[:, -64:] - ref).abs().max()
+print("ok")
+"""
+
+
+@needs_triton
+def test_offsets_past_two_to_the_31_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", BEYOND_INT32], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900, check=False)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
