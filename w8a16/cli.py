@@ -7,7 +7,8 @@
 ``quantize`` records each layer's error statistics in ``w8a16.json`` while the original weights are still
 in memory, so ``report`` can show them later from the saved directory alone. It then loads the result in a
 fresh process and measures the memory that load plus one forward costs (``--no-measure`` skips it).
-Every user error is one line on stderr and a non-zero exit status, never a traceback.
+Every user error is one line on stderr and a non-zero exit status, never a traceback. A model directory is
+read as data: no code from it is run (or offered on the terminal), and no pickle in it is ever loaded.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,17 +32,23 @@ from . import quant
 from .layer import W8A16LinearLayer
 from .quantizer import QuantizationReport, footprint_bytes, quantize_model
 from .serialization import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
     QuantizedFormatError,
+    config_architecture,
     load_quantized,
+    load_transformers_config,
     read_manifest,
     save_quantized,
     saved_sizes,
+    transformers_model_class,
 )
 
 MEMORY_BOUND = 1.3  # load + one forward may cost at most this many times the quantized size
 _DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MEANINGFUL_BYTES = 50_000_000  # below this, the forward's fixed costs (thread pools, kernels) dominate
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
+_PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
 
 class CliError(Exception):
@@ -98,16 +106,16 @@ _MEASURE = "_measure-load"  # hidden command, run in a child process by measure_
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == [_MEASURE]:
-        print(json.dumps(_measure_here(argv[1], int(argv[2]))))
-        return 0
-    args = build_parser().parse_args(argv)
     try:
+        if argv[:1] == [_MEASURE]:
+            print(json.dumps(_measure_here(argv[1], int(argv[2]))))
+            return 0
+        args = build_parser().parse_args(argv)
         if args.command == "quantize":
             return _quantize(args)
         print(format_report(args.directory))
         return 0
-    except (CliError, QuantizedFormatError, FileNotFoundError, NotADirectoryError) as err:
+    except (CliError, QuantizedFormatError, OSError) as err:  # OSError: FileNotFoundError, PermissionError...
         print(f"w8a16: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -120,8 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise CliError(f"--out {out} exists and is not an empty directory (pass --force to write into it)")
+    _prepare_out(out, args.force)
     exclude = [p.strip() for item in args.exclude for p in item.split(",") if p.strip()]
 
     started = time.perf_counter()
@@ -138,27 +145,77 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_out(out: Path, force: bool) -> None:
+    """Fail now, not after minutes of loading, if ``--out`` cannot be written.
+
+    Asking the permission bits is not enough (root ignores them; a read-only mount or a path under a
+    regular file does not show in them), so the directory is created and a probe file written and removed.
+    """
+    if out.is_dir():
+        if not force and any(out.iterdir()):
+            raise CliError(f"--out {out} exists and is not an empty directory (pass --force to write into it)")
+    elif out.exists() or out.is_symlink():
+        raise CliError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".w8a16-probe-"):
+            pass
+    except OSError as err:
+        raise CliError(f"--out {out} cannot be written: {err.strerror or err}") from None
+
+
 def load_pretrained(source: str, dtype: Any = "auto") -> nn.Module:
-    """A transformers model from a local directory, or from the hub when it is reachable."""
+    """A transformers model from a local directory, or from the hub when it is reachable — read as data.
+
+    No code from the checkpoint runs: ``trust_remote_code=False`` everywhere (else transformers asks on the
+    terminal, and runs the checkpoint's ``.py`` file on "y"), and only safetensors weights are read
+    (``use_safetensors=True``), since unpickling a ``pytorch_model.bin`` can run any code.
+    """
     import transformers
 
     local = Path(source).expanduser()
-    if not local.is_dir():
-        if source.startswith((".", "/", "~")) or local.exists():
-            raise CliError(f"{source}: no such directory")
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in _OFFLINE_VALUES:
-            raise CliError(
-                f"{source!r} is not a local directory and HF_HUB_OFFLINE is set, so it cannot be downloaded "
-                "from the hub (unset HF_HUB_OFFLINE or pass a directory saved with save_pretrained())"
-            )
+    if local.is_dir():
+        config, ref, where = _local_config(local), str(local), local / CONFIG_FILE
+    else:
+        _check_hub_id(source, local)
+        config, ref, where = None, source, source
     try:
-        config = transformers.AutoConfig.from_pretrained(str(local) if local.is_dir() else source)
-        name = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, name, None) if name else None
-        cls = cls or transformers.AutoModelForCausalLM
-        return cls.from_pretrained(str(local) if local.is_dir() else source, dtype=dtype).eval()
-    except (OSError, ValueError, KeyError) as err:
+        if config is None:
+            config = transformers.AutoConfig.from_pretrained(ref, trust_remote_code=False)
+        name = config_architecture(config, where)
+        cls = transformers_model_class(name, where) if name else transformers.AutoModelForCausalLM
+        model = cls.from_pretrained(ref, config=config, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    except QuantizedFormatError:
+        raise  # it names the file already
+    except Exception as err:  # a bad checkpoint raises anything: OSError, ValueError, SafetensorError...
         raise CliError(f"cannot load {source!r}: {_one_line(err)}") from None
+    return model.eval()
+
+
+def _local_config(local: Path) -> Any:
+    """The config of a local checkpoint directory, once it is known to hold safetensors weights."""
+    if (local / MANIFEST_FILE).is_file():
+        raise CliError(f"{local} holds a model already quantized by w8a16 ({MANIFEST_FILE}); pass the original")
+    config = load_transformers_config(local)
+    if not any(local.glob("*.safetensors")):
+        pickles = sorted(p.name for p in local.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        found = f"only a pickle checkpoint ({', '.join(pickles)})" if pickles else "none"
+        raise CliError(
+            f"{local}: w8a16 reads safetensors weights only, and found {found}; a pickle is never loaded "
+            "(unpickling can run code): re-save the model with save_pretrained(), which writes safetensors"
+        )
+    return config
+
+
+def _check_hub_id(source: str, local: Path) -> None:
+    """``source`` is not a directory: say so if it looks like a path, or if the hub is switched off."""
+    if source.startswith((".", "/", "~")) or local.exists():
+        raise CliError(f"{source}: no such directory")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in _OFFLINE_VALUES:
+        raise CliError(
+            f"{source!r} is not a local directory and HF_HUB_OFFLINE is set, so it cannot be downloaded "
+            "from the hub (unset HF_HUB_OFFLINE or pass a directory saved with save_pretrained())"
+        )
 
 
 class _Tracked(W8A16LinearLayer):
@@ -268,7 +325,10 @@ def measure_load(directory: str | os.PathLike, tokens: int = 8, timeout: float =
     """
     cmd = [sys.executable, "-m", "w8a16", _MEASURE, str(directory), str(tokens)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise CliError(f"measuring the load of {directory} took over {timeout:.0f} s; gave up") from None
     if done.returncode != 0:
         raise CliError(f"measuring the load of {directory} failed: {_one_line(done.stderr or done.stdout)}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -291,10 +351,8 @@ def _measure_here(directory: str, tokens: int) -> dict[str, Any]:
     millisecond; the peak is the largest reading, also read once more at the end.
     """
     manifest = read_manifest(directory)
-    if manifest.get("transformers"):
-        import transformers
-
-        getattr(transformers, manifest["model_class"], None)  # import the modelling code before the baseline
+    if manifest["transformers"]:
+        transformers_model_class(manifest["model_class"], directory)  # import the modelling code before the baseline
     torch.ones(8, 8) @ torch.ones(8, 8)
     gc.collect()
     baseline = _rss_anon()

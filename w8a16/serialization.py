@@ -20,6 +20,11 @@ tensors own 64-byte-aligned, contiguous memory, which the fast int8 kernels need
 mmap of the file is only 8-byte aligned), and reading with ``readinto`` keeps the peak close to the
 quantized size. Every problem with the input is a `QuantizedFormatError` (a ``ValueError``) or a
 ``FileNotFoundError`` whose message names the file.
+
+A saved directory is data, never code. Its JSON is parsed with limits (size, nesting depth, finite numbers)
+and the manifest is checked field by field before anything trusts it; transformers is asked never to run
+code that a ``config.json`` points to (``auto_map``), and a class named in a file is only ever a transformers
+model class, never any other attribute of the library.
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ import copy
 import json
 import math
 import os
+import re
+import reprlib
 import sys
 import zlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,6 +58,9 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 NONPERSISTENT_PREFIX = "w8a16:nonpersistent/"
 
 _MAX_HEADER_BYTES = 100 * 2**20  # a header this large is a corrupt length field, not a model
+_MAX_JSON_BYTES = 16 * 2**20  # w8a16.json and config.json are kilobytes, even for the largest models
+_MAX_JSON_DEPTH = 32  # our files nest 4 levels, transformers configs a few more; json recurses once per level
+_MAX_COUNT = 2**63 - 1  # sizes and offsets must fit torch's int64
 _CHUNK = 64 * 2**20  # read at most this many bytes per system call
 
 # safetensors dtype codes <-> torch dtypes (only those torch can hold)
@@ -62,6 +73,14 @@ for _code, _name in [("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
                      ("U32", "uint32"), ("U64", "uint64")]:
     if hasattr(torch, _name):
         _ST_TO_TORCH[_code] = getattr(torch, _name)
+
+
+# Every floating dtype this torch has, by the name save_quantized writes (read from vars(), which runs nothing).
+_FLOAT_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype) and d.is_floating_point
+}
+
+_T = TypeVar("_T")
 
 
 class QuantizedFormatError(ValueError):
@@ -217,6 +236,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
     win over the skeleton's (the skeleton only supplies the structure). Nothing is ever materialised
     in full precision, and the input is checked before any data is read: a problem raises
     `QuantizedFormatError` or ``FileNotFoundError`` naming the file, never a half-loaded model.
+    No code from the directory is ever run, and nothing is asked on the terminal.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -224,10 +244,11 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
     manifest = read_manifest(directory)
     weights = directory / WEIGHTS_FILE
     header = read_safetensors_header(weights)
-    expected = manifest["files"].get(WEIGHTS_FILE, {}).get("bytes")
-    if expected is not None and weights.stat().st_size != expected:
+    recorded = manifest["files"][WEIGHTS_FILE]
+    if weights.stat().st_size != recorded["bytes"]:
         raise QuantizedFormatError(
-            f"{weights}: {weights.stat().st_size} bytes, but {MANIFEST_FILE} says {expected} (truncated or replaced?)"
+            f"{weights}: {weights.stat().st_size} bytes, but {MANIFEST_FILE} says {recorded['bytes']} "
+            "(truncated or replaced?)"
         )
     _check_layers_against_header(manifest, header, weights)
 
@@ -241,42 +262,182 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
     _swap_in_shells(model, manifest, directory)
     plan = _plan_assignment(model, manifest, header, weights)
 
-    tensors = _read_tensors(weights, header, manifest["files"].get(WEIGHTS_FILE, {}).get("crc32"))
+    tensors = _read_tensors(weights, header, recorded["crc32"])
     _check_values(manifest, tensors, weights)
     _assign(model, manifest, tensors, plan)
     return model.eval()
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """Parse and check ``w8a16.json`` (format name and version, required keys)."""
+    """Parse ``w8a16.json`` (with `parse_json`'s limits) and check every field, so the rest can trust it.
+
+    Checked: the format name and version, then the type and range of each field `save_quantized` writes
+    (keys it does not write are ignored). Any problem is a `QuantizedFormatError` naming the file and the
+    field, never a ``KeyError`` or ``TypeError`` later on.
+    """
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; not a save_quantized() directory or an unfinished save")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise QuantizedFormatError(f"{path}: not valid JSON ({err})") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise QuantizedFormatError(f"{path}: not a {FORMAT_NAME} manifest (no \"format\": \"{FORMAT_NAME}\")")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # `True == 1.0 == 1` to Python
         raise QuantizedFormatError(
             f"{path}: format_version {version!r} is not supported by this w8a16 "
             f"(it reads version {FORMAT_VERSION}); upgrade w8a16 or re-save the model"
         )
-    for key, kind in [("model_class", str), ("quantized", list), ("kept", dict), ("tied", dict),
-                      ("nonpersistent_buffers", dict), ("files", dict)]:
-        if not isinstance(manifest.get(key), kind):
-            raise QuantizedFormatError(f"{path}: key {key!r} missing or not a {kind.__name__}")
+    _check_manifest(manifest, path)
     return manifest
+
+
+# A check of one field: a test of its value, and what the value must be (for the message when it fails).
+_Field = tuple[Callable[[Any], bool], str]
+
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and 0 <= x <= _MAX_COUNT  # `type(x) is int`: a bool is an int to Python
+
+
+def _is_name(x: Any) -> bool:
+    return isinstance(x, str) and all(x.split("."))  # "transformer.h.0.mlp"; not "", ".a" or "a..b"
+
+
+_COUNT: _Field = (_is_count, "a non-negative integer below 2**63")
+_SIZE: _Field = (lambda x: _is_count(x) and x > 0, "a positive integer below 2**63")
+_BOOL: _Field = (lambda x: type(x) is bool, "true or false")
+_TEXT: _Field = (lambda x: isinstance(x, str), "a string")
+_NAME: _Field = (_is_name, "a dotted module or tensor name")
+_CLASS: _Field = (lambda x: isinstance(x, str) and x.isidentifier(), "a class name")
+_DTYPE: _Field = (lambda x: isinstance(x, str) and x in _FLOAT_DTYPES, 'a floating-point dtype name such as "bfloat16"')
+_CRC32: _Field = (lambda x: isinstance(x, str) and re.fullmatch("[0-9a-f]{8}", x) is not None, "8 lowercase hex digits")
+_STAT: _Field = (lambda x: x is None or (type(x) in (int, float) and -1e308 < x < 1e308), "a finite number or null")
+_OBJECT: _Field = (lambda x: isinstance(x, dict), "a JSON object")
+_NAMES: _Field = (lambda x: isinstance(x, list) and all(isinstance(n, str) for n in x), "a list of strings")
+_PREFIX: _Field = (lambda x: x == NONPERSISTENT_PREFIX, f"{NONPERSISTENT_PREFIX!r} in format version 1")
+
+_MANIFEST_FIELDS = {
+    "w8a16_version": _TEXT, "model_class": _CLASS, "transformers": _BOOL, "dtype": _DTYPE,
+    "footprint_bytes": _COUNT, "files": _OBJECT, "quantized": (lambda x: isinstance(x, list), "a JSON array"),
+    "kept": _OBJECT, "tied": _OBJECT, "nonpersistent_buffers": _OBJECT,
+}
+_QUANTIZED_FIELDS = {"name": _NAME, "in_features": _SIZE, "out_features": _SIZE, "bias": _BOOL, "dtype": _DTYPE}
+_KEPT_FIELDS = {"in_features": _COUNT, "out_features": _COUNT, "bias": _BOOL, "dtype": _DTYPE, "why": _TEXT}
+_FILE_FIELDS = {"bytes": _COUNT, "crc32": _CRC32}
+_BUFFER_FIELDS = {"prefix": _PREFIX, "names": _NAMES}
+
+
+def _check_manifest(manifest: dict, path: Path) -> None:
+    """Every field `save_quantized` writes is present, of its type and in range; layer names are unique."""
+    _check_fields(manifest, _MANIFEST_FIELDS, path, "")
+    seen: set[str] = set()
+    for i, layer in enumerate(manifest["quantized"]):
+        where = f"quantized[{i}]"
+        _check_fields(layer, _QUANTIZED_FIELDS, path, where)
+        if layer["name"] in seen:
+            raise QuantizedFormatError(f"{path}: {where}.name: layer {layer['name']!r} is listed twice")
+        seen.add(layer["name"])
+        _check(layer.get("error", {}), _OBJECT, path, f"{where}.error")
+        for stat, value in layer.get("error", {}).items():
+            _check(value, _STAT, path, f"{where}.error.{stat}")
+    for name, info in manifest["kept"].items():
+        _check(name, _NAME, path, "a key of kept")
+        _check_fields(info, _KEPT_FIELDS, path, f"kept[{name!r}]")
+    for alias, source in manifest["tied"].items():
+        _check(alias, _NAME, path, "a key of tied")
+        _check(source, _NAME, path, f"tied[{alias!r}]")
+    if WEIGHTS_FILE not in manifest["files"]:
+        raise QuantizedFormatError(f"{path}: files[{WEIGHTS_FILE!r}] is missing")
+    for name, info in manifest["files"].items():
+        _check_fields(info, _FILE_FIELDS, path, f"files[{name!r}]")
+    _check_fields(manifest["nonpersistent_buffers"], _BUFFER_FIELDS, path, "nonpersistent_buffers")
+
+
+def _check_fields(obj: Any, fields: Mapping[str, _Field], path: Path, where: str) -> None:
+    """``obj`` is a JSON object holding each of ``fields``, each passing its check."""
+    _check(obj, _OBJECT, path, where or "the manifest")
+    for key, field in fields.items():
+        name = f"{where}.{key}" if where else key
+        if key not in obj:
+            raise QuantizedFormatError(f"{path}: {name} is missing")
+        _check(obj[key], field, path, name)
+
+
+def _check(value: Any, field: _Field, path: Path, name: str) -> None:
+    test, expected = field
+    if not test(value):
+        # reprlib: a hostile value may be a huge list; its message should stay one short line
+        raise QuantizedFormatError(f"{path}: {name} must be {expected}, not {reprlib.repr(value)}")
+
+
+def read_json(path: Path) -> Any:
+    """A small JSON file (a regular file of at most ``_MAX_JSON_BYTES``), parsed by `parse_json`."""
+    with open(path, "rb") as f:
+        raw = f.read(_MAX_JSON_BYTES + 1)  # never more: the file may be huge
+    if len(raw) > _MAX_JSON_BYTES:
+        raise QuantizedFormatError(
+            f"{path}: larger than {_MAX_JSON_BYTES // 2**20} MiB, refusing to parse it (expected a small JSON file)"
+        )
+    return parse_json(raw, str(path))
+
+
+def parse_json(raw: bytes, label: str) -> Any:
+    """``json.loads`` for input we did not write: every problem is a `QuantizedFormatError` starting ``label``.
+
+    Python's parser recurses once per nesting level, so the depth is measured first (`_nesting_depth`); a
+    ``RecursionError`` is still caught in case the stack is already deep. NaN, Infinity and floats that
+    overflow to infinity are refused (they are not JSON, and no field of ours may hold one), and so is an
+    integer longer than the interpreter's limit on digits (a ``ValueError``).
+    """
+    depth = _nesting_depth(raw)
+    if depth > _MAX_JSON_DEPTH:
+        raise QuantizedFormatError(f"{label}: refused: JSON nested {depth} levels deep (at most {_MAX_JSON_DEPTH})")
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise QuantizedFormatError(f"{label}: not valid JSON ({err})") from None
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a float")
+    return value
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a string, escaped quotes included
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEPS = bytes(1 if b in b"[{" else 255 for b in range(256))  # as int8: opener +1, closer -1
+_DEPTH_CHUNK = 2**22  # brackets summed at a time (16 MiB of int32)
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """How deeply arrays and objects nest in ``raw``, found without parsing it.
+
+    Strings are cut out (they may hold brackets), every byte but brackets dropped, and the depth is the
+    largest running sum of +1 per opener and -1 per closer, computed by numpy in chunks: a hostile header
+    of 100 MiB of brackets costs a second or so and bounded memory. Malformed JSON may give a wrong depth;
+    the parser then reports it.
+    """
+    steps = np.frombuffer(_JSON_STRING.sub(b"", raw).translate(_BRACKET_STEPS, _NOT_BRACKETS), dtype=np.int8)
+    deepest = level = 0
+    for start in range(0, len(steps), _DEPTH_CHUNK):
+        levels = np.cumsum(steps[start:start + _DEPTH_CHUNK], dtype=np.int32) + level
+        deepest, level = max(deepest, int(levels.max())), int(levels[-1])
+    return deepest
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
     """``{name: (dtype, shape, begin, end)}`` from a safetensors file, every field checked.
 
-    Checked: the header length fits the file, the header is JSON, each dtype is known, each byte range
-    matches its shape and dtype, and the ranges tile the data section exactly (so a truncated or padded
-    file is caught here, before any data is read).
+    Checked: the header length fits the file, the header is JSON (parsed with `parse_json`'s limits), each
+    dtype is known, each dimension and offset is an integer in 0..2**63-1, each byte range matches its shape
+    and dtype, and the ranges tile the data section exactly (so a truncated or padded file is caught here,
+    before any data is read).
     """
     path = Path(path)
     if not path.is_file():
@@ -293,10 +454,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[torch.dt
         n = int.from_bytes(raw, "little")
         if n > min(size - 8, _MAX_HEADER_BYTES):
             raise bad(f"header length {n} does not fit a {size}-byte file (truncated or corrupt)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise bad(f"header is not JSON ({err})") from None
+        header = parse_json(f.read(n), f"{path}: not a valid safetensors file: header")
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     header.pop("__metadata__", None)
@@ -305,12 +463,12 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[torch.dt
     for name, info in header.items():
         try:
             dtype = _ST_TO_TORCH[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
+            shape = tuple(_count(d) for d in info["shape"])
+            begin, end = (_count(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise bad(f"entry {name!r} has a bad or unknown dtype/shape/data_offsets: {info!r}") from None
+            raise bad(f"entry {name!r} has a bad or unknown dtype/shape/data_offsets: {reprlib.repr(info)}") from None
         nbytes = math.prod(shape) * _itemsize(dtype)
-        if min(shape, default=0) < 0 or end - begin != nbytes:
+        if end - begin != nbytes:
             raise bad(f"tensor {name!r}: {end - begin} bytes for shape {list(shape)} of {dtype}")
         entries[name] = (dtype, shape, begin, end)
 
@@ -324,6 +482,13 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[torch.dt
     return entries
 
 
+def _count(x: Any) -> int:
+    """``x`` if it is a dimension or offset torch can hold; else TypeError (``int("3")`` or ``int(2.5)`` would pass)."""
+    if not _is_count(x):
+        raise TypeError(f"{x!r} is not an integer in 0..2**63-1")
+    return x
+
+
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -331,13 +496,10 @@ def _itemsize(dtype: torch.dtype) -> int:
 def _check_layers_against_header(manifest: dict, header: dict, weights: Path) -> None:
     """Each recorded quantized layer must have int8 weights, scales and bias of the recorded shape/dtype."""
     for layer in manifest["quantized"]:
-        try:
-            name, n_in, n_out = layer["name"], int(layer["in_features"]), int(layer["out_features"])
-            dtype, has_bias = _parse_dtype(layer["dtype"]), bool(layer["bias"])
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise QuantizedFormatError(f"{weights.with_name(MANIFEST_FILE)}: bad layer entry {layer!r}") from None
+        name, n_in, n_out = layer["name"], layer["in_features"], layer["out_features"]
+        dtype = _FLOAT_DTYPES[layer["dtype"]]
         want = {f"{name}.int8_weights": (torch.int8, (n_out, n_in)), f"{name}.scales": (dtype, (n_out,))}
-        if has_bias:
+        if layer["bias"]:
             want[f"{name}.bias"] = (dtype, (n_out,))
         elif f"{name}.bias" in header:
             raise QuantizedFormatError(f"{weights}: {name}.bias is present but {MANIFEST_FILE} says bias=False")
@@ -353,9 +515,12 @@ def _check_layers_against_header(manifest: dict, header: dict, weights: Path) ->
                 )
 
 
+# ------------------------------------------------------------------------------ transformers, as data
+
+
 def _build_skeleton(directory: Path, manifest: dict) -> nn.Module:
-    """The saved transformers model, built on meta from config.json (no memory, no download)."""
-    if not manifest.get("transformers"):
+    """The saved transformers model, built on meta from config.json (no memory, no download, no code run)."""
+    if not manifest["transformers"]:
         raise QuantizedFormatError(
             f"{directory}: the saved {manifest['model_class']} is not a transformers model, so it cannot be "
             "rebuilt from a config; pass a skeleton: load_quantized(directory, model=...)"
@@ -365,24 +530,103 @@ def _build_skeleton(directory: Path, manifest: dict) -> nn.Module:
         raise FileNotFoundError(f"{config_path}: missing; it is needed to rebuild the model (or pass a skeleton)")
     import transformers
 
-    try:
-        config = transformers.AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError) as err:
-        raise QuantizedFormatError(f"{config_path}: cannot be read as a transformers config ({err})") from None
-    names = getattr(config, "architectures", None) or [manifest["model_class"]]
-    if names[0] != manifest["model_class"]:
+    config = load_transformers_config(directory)
+    name = config_architecture(config, config_path) or manifest["model_class"]
+    if name != manifest["model_class"]:
         raise QuantizedFormatError(
-            f"{config_path}: architectures says {names[0]}, {MANIFEST_FILE} says {manifest['model_class']}"
+            f"{config_path}: architectures says {name}, {MANIFEST_FILE} says {manifest['model_class']}"
         )
-    cls = getattr(transformers, names[0], None)
-    if cls is None:
-        raise QuantizedFormatError(f"{config_path}: transformers {transformers.__version__} has no class {names[0]}")
+    cls = transformers_model_class(name, config_path)
     with torch.device("meta"):
-        model = cls(config)
+        model = _from_transformers(lambda: cls(config), config_path, f"cannot build a {name} from it")
     generation = directory / GENERATION_CONFIG_FILE
     if generation.is_file() and hasattr(model, "generation_config"):
-        model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
+        read_json(generation)  # our limits first: transformers parses it with none
+        model.generation_config = _from_transformers(
+            lambda: transformers.GenerationConfig.from_pretrained(directory), generation,
+            "cannot be read as a generation config",
+        )
     return model
+
+
+def load_transformers_config(directory: str | os.PathLike) -> Any:
+    """``config.json`` of a local directory as a transformers config, read as data.
+
+    The file is parsed with `parse_json`'s limits first (transformers' own parsing has none). A config whose
+    model_type only the directory's own code provides (``auto_map`` and a ``.py`` file beside it) is refused
+    naming that file; and ``trust_remote_code=False`` makes transformers refuse any such code itself rather
+    than ask on the terminal (its prompt reads stdin, and an answer of "y" runs the file).
+    """
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise QuantizedFormatError(f"{path}: not a JSON object")
+    _refuse_custom_code(raw, path)
+    import transformers
+
+    return _from_transformers(
+        lambda: transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False), path,
+        "cannot be read as a transformers config",
+    )
+
+
+def _refuse_custom_code(config: dict, path: Path) -> None:
+    """A model_type unknown to transformers, with an ``auto_map``, can only be loaded by running the auto_map's code."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if "auto_map" not in config or (isinstance(model_type, str) and model_type in CONFIG_MAPPING):
+        return  # a built-in model_type wins over auto_map when trust_remote_code=False
+    refs = config["auto_map"].values() if isinstance(config["auto_map"], dict) else [config["auto_map"]]
+    refs = [r for ref in refs for r in (ref if isinstance(ref, list) else [ref]) if isinstance(r, str)]
+    files = sorted({r.split("--")[-1].rpartition(".")[0] + ".py" for r in refs})  # "[repo--]module.Class"
+    raise QuantizedFormatError(
+        f"{path}: model_type {model_type!r} is not built into transformers and its auto_map points to code "
+        f"({', '.join(files) or 'unnamed'}) in the model directory; w8a16 never runs code from a checkpoint"
+    )
+
+
+def config_architecture(config: Any, path: Path | str) -> str | None:
+    """The first class name in ``config.architectures``, or None when it names none."""
+    names = getattr(config, "architectures", None)
+    if not names:
+        return None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise QuantizedFormatError(f"{path}: architectures must be a list of class names, not {reprlib.repr(names)}")
+    return names[0]
+
+
+def transformers_model_class(name: Any, where: Path | str) -> type:
+    """The transformers model class called ``name`` (a name read from a file), and nothing else.
+
+    A bare ``getattr(transformers, name)`` could return any attribute — ``logging``, ``AutoConfig``,
+    ``__class__`` — which the caller would then call with the config.
+    """
+    import transformers
+
+    cls = None
+    if isinstance(name, str) and name.isidentifier() and not name.startswith("_"):
+        try:
+            cls = getattr(transformers, name, None)
+        except (ImportError, RuntimeError):  # a lazily imported class whose optional backend is missing
+            cls = None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise QuantizedFormatError(f"{where}: {name!r} is not a model class of transformers {transformers.__version__}")
+    return cls
+
+
+def _from_transformers(call: Callable[[], _T], path: Path, problem: str) -> _T:
+    """``call()``, any exception becoming a `QuantizedFormatError` "``path``: ``problem`` (why)".
+
+    transformers reports a bad config as a ValueError, KeyError, TypeError, AttributeError, OSError...
+    depending on the field; each of them means the file is bad, and our callers promise one error type.
+    """
+    try:
+        return call()
+    except Exception as err:
+        raise QuantizedFormatError(f"{path}: {problem} ({err})") from err
 
 
 def _swap_in_shells(model: nn.Module, manifest: dict, directory: Path) -> None:
@@ -408,7 +652,7 @@ def _swap_in_shells(model: nn.Module, manifest: dict, directory: Path) -> None:
             )
         shell = W8A16LinearLayer(
             layer["in_features"], layer["out_features"], bias=layer["bias"],
-            dtype=_parse_dtype(layer["dtype"]), device="meta",
+            dtype=_FLOAT_DTYPES[layer["dtype"]], device="meta",
         )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, shell)
@@ -417,7 +661,7 @@ def _swap_in_shells(model: nn.Module, manifest: dict, directory: Path) -> None:
 def _plan_assignment(model: nn.Module, manifest: dict, header: dict, weights: Path) -> dict[str, tuple]:
     """Match the file against the skeleton's tensors before reading anything; return name -> skeleton info."""
     ties: dict[str, str] = manifest["tied"]
-    prefix = manifest["nonpersistent_buffers"].get("prefix", NONPERSISTENT_PREFIX)
+    prefix = NONPERSISTENT_PREFIX  # read_manifest checked that the file says the same
     state = model.state_dict(keep_vars=True)
     expected = {k: v for k, v in state.items()}
     for name, buf in model.named_buffers(remove_duplicate=False):
@@ -500,7 +744,7 @@ def _check_values(manifest: dict, tensors: dict[str, torch.Tensor], weights: Pat
 
 def _assign(model: nn.Module, manifest: dict, tensors: dict[str, torch.Tensor], plan: dict) -> None:
     ties: dict[str, str] = manifest["tied"]
-    prefix = manifest["nonpersistent_buffers"].get("prefix", NONPERSISTENT_PREFIX)
+    prefix = NONPERSISTENT_PREFIX  # read_manifest checked that the file says the same
     state = {k: t for k, t in tensors.items() if not k.startswith(prefix)}
     for alias, source in ties.items():
         if not alias.startswith(prefix):
@@ -553,13 +797,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _parse_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
-
-
 def _main_dtype(model: nn.Module) -> torch.dtype:
     """The floating dtype holding the most elements (the model's "dtype" for humans)."""
     counts: dict[torch.dtype, int] = {}
@@ -594,5 +831,6 @@ def saved_sizes(directory: str | os.PathLike) -> dict[str, int]:
 
 __all__ = [
     "save_quantized", "load_quantized", "read_manifest", "read_safetensors_header", "saved_sizes",
+    "read_json", "parse_json", "load_transformers_config", "config_architecture", "transformers_model_class",
     "QuantizedFormatError", "FORMAT_VERSION", "MANIFEST_FILE", "WEIGHTS_FILE", "NONPERSISTENT_PREFIX",
 ]
