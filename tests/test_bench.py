@@ -40,3 +40,12 @@ def test_cli_quick_runs():
     assert out.returncode == 0, out.stderr
     for needle in ("machine:", "GPU", "stream-read", "seed-naive", "w8a16", "tokens_per_s", "random weights"):
         assert needle in out.stdout
+
+
+def test_decode_rows_compare_compiled_models_too():
+    config = dict(bench.CODEGEN_TINY, n_layer=1)
+    rows = bench.decode_rows(config, new_tokens=3, prompt_len=4, repeats=1, naive=False, compiled=True)
+    by_impl = {r["impl"]: r for r in rows}
+    assert set(by_impl) == {"dense", "w8a16", "dense (compiled)", "w8a16 (compiled)"}
+    assert by_impl["dense (compiled)"]["vs_dense"] == 1.0 and by_impl["w8a16 (compiled)"]["tokens_per_s"] > 0
+    assert by_impl["w8a16 (compiled)"]["MB"] == by_impl["w8a16"]["MB"] < by_impl["dense"]["MB"]

@@ -1,6 +1,6 @@
 """Benchmark: dense ``nn.Linear`` vs the seed's naive W8A16 forward vs ours, one layer and a whole model.
 
-    python -m w8a16.bench            # full run (a few minutes on a 2-core CPU)
+    python -m w8a16.bench            # full run (several minutes on a 2-core CPU: it compiles two models too)
     python -m w8a16.bench --quick    # seconds: small shapes, a tiny model (for notebooks and tests)
 
 Everything is timed in one process with `w8a16.timing.compare` (warm-up, CUDA sync, alternated runs, medians),
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import ops
 from .layer import W8A16LinearLayer
 from .models import build_random_codegen, shipped_config
 from .quantizer import Quantizer
@@ -186,7 +186,7 @@ def layer_rows(
                             cands[label] = rotating(lambda mod: mod(x), mods)
                     res = compare(cands, repeats=repeats, warmup=1, device=device, min_time_s=0.2)
                 med = res.median_s
-                path = kernels.choose_path(x, layers[0].int8_weights, layers[0].scales)
+                path = ops.choose_path(x, layers[0].int8_weights, layers[0].scales, layers[0].bias)
                 for impl, secs in med.items():
                     dense_bytes = n_in * n_out * x.element_size()
                     wbytes = dense_bytes if impl == "dense" else n_in * n_out + n_out * layers[0].scales.element_size()
@@ -261,10 +261,14 @@ def decode_rows(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     naive: bool = True,
+    compiled: bool = False,
 ) -> list[dict]:
     """Greedy-decode tokens/s: dense model vs the same model after ``Quantizer(model, W8A16LinearLayer, ["lm_head"])``.
 
     Random weights (timing only). ``naive=True`` also times the quantized model with the seed's forward.
+    ``compiled=True`` also times both models with ``torch.compile``d forwards — the fair comparison for anyone
+    who compiles, since compiling removes most of the per-token Python work from the dense model too; each
+    compiled model's ratio is against the compiled dense one.
     """
     device = torch.device(device)
     dense = build_codegen(config, dtype, device)
@@ -281,11 +285,29 @@ def decode_rows(
         cands["seed-naive"] = naive_run
     res = compare(cands, repeats=repeats, warmup=1, device=device)
     label = f"codegen({config['n_layer']} layers, n_embd={config['n_embd']}), random weights"
-    return [{"device": device.type, "model": label, "dtype": str(dtype).replace("torch.", ""), "impl": impl,
-             "tokens_per_s": new_tokens / secs, "vs_dense": res.median_s["dense"] / secs,
-             "MB": sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()]) / 1e6}
-            for impl, secs in res.median_s.items()
-            for m in [dense if impl == "dense" else quantized]]
+
+    def rows(median_s: dict[str, float], models: dict[str, nn.Module], suffix: str = "") -> list[dict]:
+        base = median_s["dense"]
+        return [{"device": device.type, "model": label, "dtype": str(dtype).replace("torch.", ""), "impl": impl + suffix,
+                 "tokens_per_s": new_tokens / secs, "vs_dense": base / secs,
+                 "MB": sum(t.numel() * t.element_size() for t in [*models[impl].parameters(), *models[impl].buffers()]) / 1e6}
+                for impl, secs in median_s.items()]
+
+    models = {"dense": dense, "w8a16": quantized, "seed-naive": quantized}
+    out = rows(res.median_s, models)
+    if compiled:
+        compiled_models = {name: _compiled(copy.deepcopy(m)) for name, m in (("dense", dense), ("w8a16", quantized))}
+        cands = {name: (lambda m=m: greedy_decode(m, prompt, new_tokens)) for name, m in compiled_models.items()}
+        # Two warm-up runs: the prefill shape and the first decode shapes compile (dynamic shapes after that).
+        res = compare(cands, repeats=repeats, warmup=2, device=device)
+        out += rows(res.median_s, compiled_models, " (compiled)")
+    return out
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    """``model`` with its forward compiled by ``torch.compile`` (dynamic shapes: the KV cache grows every step)."""
+    model.forward = torch.compile(model.forward, dynamic=True)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=None, help="new tokens per decode")
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model decode")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile decode comparison")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -340,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(rows, columns))
     if not args.no_model:
         print()
-        drows = decode_rows(config, new_tokens=tokens, repeats=2 if args.quick else 5, device=device)
+        drows = decode_rows(config, new_tokens=tokens, repeats=2 if args.quick else 5, device=device,
+                            compiled=not (args.quick or args.no_compile))
         print(format_table(drows, ["model", "dtype", "impl", "tokens_per_s", "vs_dense", "MB"]))
 
 
