@@ -43,6 +43,12 @@ def quantized_codegen(dtype: torch.dtype = torch.float32, tie: bool = False) -> 
     return model
 
 
+def nonpersistent_buffers(model: nn.Module) -> list[str]:
+    """Buffers that state_dict() leaves out (CodeGen's rotary tables; where they live varies by transformers version)."""
+    state = model.state_dict()
+    return [name for name, _ in model.named_buffers() if name not in state]
+
+
 class TinyNet(nn.Module):
     """Not a transformers model: tied head, a non-persistent table, an integer buffer, bias on and off."""
 
@@ -100,8 +106,8 @@ def test_transformers_round_trip(tmp_path: Path, dtype: torch.dtype, tie: bool) 
     assert_same_tensors(model, loaded)
     assert w8a16.footprint_bytes(loaded) == w8a16.footprint_bytes(model)
     assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == tie
-    buf = "transformer.rotary_emb.embed_positions"  # non-persistent: not in state_dict(), still right
-    assert buf not in model.state_dict() and torch.equal(all_tensors(loaded)[buf], all_tensors(model)[buf])
+    nonpersistent = nonpersistent_buffers(model)  # the rotary tables: not in state_dict(), still right
+    assert nonpersistent and all(torch.equal(all_tensors(loaded)[b], all_tensors(model)[b]) for b in nonpersistent)
     with torch.no_grad():
         got, want = loaded(IDS).logits, model(IDS).logits
     assert got.dtype == want.dtype == dtype and torch.equal(got, want)  # bit-identical
@@ -157,18 +163,17 @@ def test_directory_contents(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
     assert manifest["format_version"] == 1 and manifest["model_class"] == "CodeGenForCausalLM"
     assert len(manifest["quantized"]) == 8
-    assert manifest["quantized"][0] | {"name": None} == {
-        "name": None, "in_features": 32, "out_features": 32, "bias": False, "dtype": "bfloat16"
-    }
+    qkv = next(layer for layer in manifest["quantized"] if layer["name"] == "transformer.h.0.attn.qkv_proj")
+    assert qkv == {"name": qkv["name"], "in_features": 32, "out_features": 96, "bias": False, "dtype": "bfloat16"}
     assert manifest["kept"]["lm_head"]["why"] == "excluded by 'lm_head'"
     assert manifest["tied"] == {"lm_head.weight": "transformer.wte.weight"}
-    assert manifest["nonpersistent_buffers"]["names"] == ["transformer.rotary_emb.embed_positions"]
+    assert manifest["nonpersistent_buffers"]["names"] == nonpersistent_buffers(model)
     fc_in = next(layer for layer in manifest["quantized"] if layer["name"] == LAYER)
     assert fc_in["error"]["max_err_over_scale"] == pytest.approx(stats[fc_in["name"]].max_err_over_scale)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["CodeGenForCausalLM"]
     with safe_open(tmp_path / WEIGHTS_FILE, "pt") as f:  # the reference reader opens it
         keys = set(f.keys())
-    assert "lm_head.weight" not in keys and NONPERSISTENT_PREFIX + "transformer.rotary_emb.embed_positions" in keys
+    assert "lm_head.weight" not in keys and {NONPERSISTENT_PREFIX + b for b in nonpersistent_buffers(model)} <= keys
     assert manifest["files"][WEIGHTS_FILE]["bytes"] == (tmp_path / WEIGHTS_FILE).stat().st_size
 
 
@@ -284,7 +289,7 @@ def test_missing_directory(tmp_path: Path) -> None:
     "skeleton, words",
     [
         (lambda: GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB)), "GPT2LMHeadModel"),
-        (lambda: CodeGenForCausalLM(tiny_config(n_embd=64)), "is (32 -> 32, bias=False) in the file"),
+        (lambda: CodeGenForCausalLM(tiny_config(n_embd=64)), "is (32 -> NUMBER, bias=False) in the file"),
         (lambda: TinyNet(), "the skeleton is a TinyNet"),
     ],
     ids=["other-architecture", "other-size", "not-transformers"],
@@ -293,7 +298,8 @@ def test_wrong_skeleton(tmp_path: Path, skeleton, words: str) -> None:
     save_quantized(quantized_codegen(), tmp_path)
     with torch.device("meta"):
         model = skeleton()
-    with pytest.raises(QuantizedFormatError, match=words.replace("(", r"\(").replace(")", r"\)")):
+    pattern = words.replace("(", r"\(").replace(")", r"\)").replace("NUMBER", r"\d+")
+    with pytest.raises(QuantizedFormatError, match=pattern):
         load_quantized(tmp_path, model)
 
 
