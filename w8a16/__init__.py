@@ -5,6 +5,7 @@
 """
 
 from .layer import W8A16LinearLayer
+from .ops import backend_info
 from .quant import (
     ErrorStats,
     dequantize,
@@ -35,4 +36,5 @@ __all__ = [
     "dequantize",
     "error_stats",
     "ErrorStats",
+    "backend_info",
 ]
