@@ -1,36 +1,73 @@
 """The C GEMV kernel (``csrc/gemv.c``), compiled on first use with the machine's C compiler.
 
 Why compile at run time: the kernel is a short C file with no dependency on PyTorch's headers, so the system
-``cc`` builds it in about a second, for the exact CPU it runs on (``-march=native``), with no build step at
-install time and no wheel per platform. It is called through `ctypes` on the tensors' data pointers.
+``cc`` builds it in about a second, with no build step at install time and no wheel per platform. It is called
+through `ctypes` on the tensors' data pointers.
 
-Where there is no compiler, no OpenMP or another failure, `library()` returns None once and for all and the
-dispatcher in `kernels.py` uses the pure-PyTorch paths. ``W8A16_NATIVE=0`` switches it off. The build goes
-to the temp directory, keyed by a hash of source, flags and compiler, so it is built once per machine.
+Why it is built the way it is (each point was a bug):
+
+* Portable build, run-time dispatch. It is compiled for the compiler's baseline ISA, never ``-march=native``:
+  the cache may be shared by machines with other CPUs, and a native build there dies of SIGILL. The SIMD
+  variants (AVX2, AVX-512) are compiled with per-function target attributes and the library picks the widest
+  this CPU runs (`simd`); ``W8A16_NATIVE_SIMD=scalar|avx2|avx512`` caps it. Elsewhere (arm64 for now) it is
+  a scalar loop, slower than PyTorch's kernels: `simd` is then None and the dispatcher does not prefer it.
+* The cache key is everything the binary depends on: source, flags, the compiler's command and ``--version``,
+  and the machine architecture.
+* A cached library is verified before it is loaded: a sidecar ``.json`` records its sha256 at build time, and
+  a file that does not match (truncated by a full disk, a crash mid-copy) is rebuilt. Loading a damaged
+  shared object kills the process (SIGBUS) rather than raising. Builds are written under a temporary name and
+  renamed into place, so a concurrent process sees a whole file or none.
+* OpenMP when the compiler has it (Apple clang rejects ``-fopenmp``): otherwise built without, one thread.
+* ``CC`` is split like a shell would (``CC="ccache gcc"``).
+* Any failure — no compiler, no writable temp directory, a build error — makes `library()` return None once
+  and for all, with the reason in `unavailable_reason()` / `info()`, and the dispatcher uses the pure-PyTorch
+  paths. ``W8A16_NATIVE=0`` switches it off.
+
+The build goes to ``$TMPDIR/w8a16-native-<uid>/`` (a directory only this user may write), so it is built once
+per machine and compiler.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
 import threading
+import uuid
+import warnings
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-shared", "-fPIC"]  # baseline ISA on purpose: the SIMD variants are chosen at run time
+OPENMP_FLAGS = ["-fopenmp"]  # tried first; the library is built without them where the compiler refuses
+SIMD_LEVELS = ("scalar", "avx2", "avx512")  # index = the C library's SIMD_* value
+BUILD_TIMEOUT_S = 120
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": the loaded library or None once tried; "error": why not
+# "lib": the loaded library or None once tried; "error": why not; "simd": SIMD_LEVELS name in use; "details":
+# what `info` reports about the build.
+_state: dict[str, object] = {}
+
+
+class _Unavailable(Exception):
+    """The kernel cannot be used here, for the reason given (not a bug: the PyTorch paths take over)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What callers ask
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, building it the first time; None when it cannot be built here."""
+    """The compiled kernel, building it the first time; None when it cannot be built or loaded here."""
     if "lib" not in _state:
         with _lock:
             if "lib" not in _state:
@@ -43,36 +80,205 @@ def unavailable_reason() -> str | None:
     return None if library() is not None else str(_state.get("error"))
 
 
+def simd() -> str | None:
+    """The instruction set the kernel runs on this CPU (``"avx512"``, ``"avx2"``), or None where it is a scalar
+    loop or not available: then PyTorch's kernels are faster."""
+    if library() is None:
+        return None
+    level = _state.get("simd")
+    return None if level == "scalar" else level  # type: ignore[return-value]
+
+
+def select_simd(name: str | None) -> str:
+    """Run the variant ``name`` (one of `SIMD_LEVELS`, capped at what this CPU has), or the best one for None.
+    Returns the variant now in use. Process-wide: for tests and benchmarks."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native kernel is not available: {unavailable_reason()}")
+    if name is not None and name not in SIMD_LEVELS:
+        raise ValueError(f"unknown SIMD variant {name!r}; choose from {SIMD_LEVELS}")
+    level = lib.w8a16_simd_use(-1 if name is None else SIMD_LEVELS.index(name))
+    _state["simd"] = SIMD_LEVELS[level]
+    return SIMD_LEVELS[level]
+
+
+def info() -> dict[str, object]:
+    """How the kernel was built and runs here: ``available``, ``reason``, ``simd``, ``openmp``, ``compiler``,
+    ``library`` (the path loaded), and ``built`` (compiled by this process rather than found in the cache)."""
+    lib = library()
+    details = dict(_state.get("details") or {})  # type: ignore[arg-type]
+    return {
+        "available": lib is not None,
+        "reason": unavailable_reason(),
+        "simd": simd(),
+        "openmp": bool(lib.w8a16_openmp()) if lib is not None else False,
+        "compiler": details.get("compiler"),
+        "compiler_version": details.get("compiler_version"),
+        "library": details.get("library"),
+        "built": details.get("built", False),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building, caching, loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def _build_and_load() -> ctypes.CDLL | None:
     if os.environ.get("W8A16_NATIVE", "1") == "0":
         _state["error"] = "switched off by W8A16_NATIVE=0"
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        _state["error"] = "no C compiler on PATH"
-        return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    uid = os.getuid() if hasattr(os, "getuid") else None
-    target = Path(tempfile.gettempdir()) / f"w8a16-native-{uid if uid is not None else 0}" / f"gemv-{key}.so"
     try:
-        target.parent.mkdir(mode=0o700, exist_ok=True)
-        if uid is not None and not _private(target.parent, uid):
-            _state["error"] = f"{target.parent} is not a private directory of this user; not loading code from it"
-            return None
-        if not target.exists():
-            partial = target.with_suffix(f".{os.getpid()}.tmp")
-            subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE)], check=True, capture_output=True, timeout=120)
-            os.replace(partial, target)  # atomic: a concurrent process sees all of it or nothing
+        return _load_or_build()
+    except _Unavailable as err:
+        _state["error"] = str(err)
+    except Exception as err:  # noqa: BLE001 — anything else (an odd temp dir, …): once, and said why
+        _state["error"] = f"native kernel unavailable: {type(err).__name__}: {err}"
+    return None
+
+
+def _load_or_build() -> ctypes.CDLL:
+    compiler = _compiler()
+    version = _compiler_version(compiler)
+    details = _state["details"] = {"compiler": shlex.join(compiler), "compiler_version": version.splitlines()[0]}
+    stem = _cache_dir() / f"gemv-{_cache_key(compiler, version)}"
+    target, record = stem.with_suffix(".so"), stem.with_suffix(".json")
+    built = not _verified(target, record)
+    if built:
+        _build(compiler, target, record)
+    try:
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as err:
-        stderr = getattr(err, "stderr", b"") or b""
-        _state["error"] = f"could not build {SOURCE.name}: {err} {stderr.decode(errors='replace')[:300]}".strip()
-        return None
-    lib.w8a16_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 4
-    lib.w8a16_gemv.restype = ctypes.c_int
+    except OSError as err:
+        raise _Unavailable(f"could not load {target}: {err}") from err
+    _declare(lib)
+    details.update(library=str(target), built=built)
+    _state["simd"] = SIMD_LEVELS[lib.w8a16_simd_use(_requested_simd())]
     return lib
 
+
+def _compiler() -> list[str]:
+    """``$CC`` split like a shell would (``ccache gcc``), else ``cc`` or ``gcc`` from PATH."""
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        return shlex.split(cc)
+    found = shutil.which("cc") or shutil.which("gcc")
+    if found is None:
+        raise _Unavailable("no C compiler on PATH (set CC to use one)")
+    return [found]
+
+
+def _compiler_version(compiler: list[str]) -> str:
+    """``--version``'s output (for the cache key and `info`); a compiler without it still gets to try the build."""
+    try:
+        done = subprocess.run([*compiler, "--version"], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"unknown ({err})"
+    return (done.stdout or done.stderr).decode(errors="replace").strip() or f"unknown (exit {done.returncode})"
+
+
+def _cache_key(compiler: list[str], version: str) -> str:
+    """Everything the binary depends on. The CPU model is not in it: the library runs on any CPU of the
+    architecture and picks its SIMD variant when loaded."""
+    parts = [platform.machine(), shlex.join(compiler), version, shlex.join(FLAGS), shlex.join(OPENMP_FLAGS)]
+    digest = hashlib.sha256("\0".join(parts).encode())
+    digest.update(SOURCE.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cache_dir() -> Path:
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    directory = Path(tempfile.gettempdir()) / f"w8a16-native-{uid if uid is not None else 0}"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+    except OSError as err:
+        raise _Unavailable(f"no writable directory for the compiled kernel ({directory}): {err}") from err
+    if uid is not None and not _private(directory, uid):
+        raise _Unavailable(f"{directory} is not a private directory of this user; not loading code from it")
+    return directory
+
+
+def _private(directory: Path, uid: int) -> bool:
+    """A shared temp dir must not let another user plant the library we are about to load."""
+    st = directory.stat()
+    return st.st_uid == uid and not st.st_mode & 0o022
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(target: Path, record: Path) -> bool:
+    """Whether ``target`` is exactly the file its build recorded (a damaged one would crash the process)."""
+    try:
+        return json.loads(record.read_text())["sha256"] == _sha256(target)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _build(compiler: list[str], target: Path, record: Path) -> None:
+    """Compile into ``target`` with OpenMP, or without it where the compiler refuses; then record its hash.
+    Written under temporary names and renamed into place: never a half-written file at ``target``."""
+    partial = target.with_name(f"{target.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    errors = []
+    try:
+        for extra in (OPENMP_FLAGS, []):
+            command = [*compiler, *FLAGS, *extra, "-o", str(partial), str(SOURCE)]
+            error = _compile(command)
+            if error is None and partial.is_file():
+                break
+            errors.append(f"{shlex.join(command)}: {error}")
+        else:
+            raise _Unavailable(f"could not build {SOURCE.name}: " + " | ".join(errors))
+        digest = _sha256(partial)
+        os.replace(partial, target)  # atomic: a concurrent process sees all of it or nothing
+        _write_atomically(record, json.dumps({"sha256": digest, "command": command}))
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _compile(command: list[str]) -> str | None:
+    """Run the compiler: None on success, else what went wrong (the end of its stderr)."""
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=BUILD_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as err:
+        return str(err)
+    if done.returncode != 0:
+        return done.stderr.decode(errors="replace").strip()[-300:] or f"exit status {done.returncode}"
+    return None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.w8a16_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 4
+    lib.w8a16_gemv.restype = ctypes.c_int
+    for name in ("w8a16_simd_best", "w8a16_simd_active", "w8a16_openmp"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = ctypes.c_int
+    lib.w8a16_simd_use.argtypes = [ctypes.c_int]
+    lib.w8a16_simd_use.restype = ctypes.c_int
+
+
+def _requested_simd() -> int:
+    """``W8A16_NATIVE_SIMD`` as a C SIMD_* level (a cap), or -1 for the best this CPU has."""
+    name = os.environ.get("W8A16_NATIVE_SIMD", "").strip().lower()
+    if name in SIMD_LEVELS:
+        return SIMD_LEVELS.index(name)
+    if name:
+        warnings.warn(f"W8A16_NATIVE_SIMD={name!r} is not one of {SIMD_LEVELS}; ignored", RuntimeWarning, stacklevel=2)
+    return -1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calling it
+# ---------------------------------------------------------------------------------------------------------------
 
 DTYPES = (torch.float32, torch.bfloat16)  # what the C code reads and writes; fp16 goes through fp32
 
@@ -80,12 +286,6 @@ DTYPES = (torch.float32, torch.bfloat16)  # what the C code reads and writes; fp
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype`` and contiguous, copying only when it is not already."""
     return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
-
-
-def _private(directory: Path, uid: int) -> bool:
-    """A shared temp dir must not let another user plant the library we are about to load."""
-    st = directory.stat()
-    return st.st_uid == uid and not st.st_mode & 0o022
 
 
 def gemv(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -2,17 +2,37 @@
  *
  * Why a C kernel: at small batch a W8A16 matmul is bound by reading the weights, and int8 is half the bytes
  * of bf16 and a quarter of fp32. PyTorch has no CPU op that reads int8 weights with fp32 activations at
- * memory speed (_weight_int8pack_mm is a scalar loop outside bf16), so this loop converts 8 int8 weights to
+ * memory speed (_weight_int8pack_mm is a scalar loop outside bf16), so this loop converts int8 weights to
  * fp32 in registers and fuses them with x — the weights are read once, from memory, as int8.
  *
  * Contract (checked by w8a16/native.py before every call): w is (n, k) int8; x is (m, k), scales and bias (may
  * be NULL) are (n,), y is (m, n); each of x, scales/bias and y is fp32 or bf16 as its flag says; all
  * contiguous. Unaligned loads only: no alignment needed. Taking bf16 directly saves the four small conversion
  * ops per call that would otherwise dominate a decode step's overhead.
+ *
+ * Portability: the library is compiled for the compiler's baseline ISA (no -march=native), so one build runs
+ * on every CPU of its architecture and a cached copy can be shared. The SIMD variants are compiled with
+ * per-function target attributes and picked at run time from what this CPU supports (`w8a16_simd_use`):
+ *   SIMD_AVX512  x86 with AVX-512 F/BW/VL: 16 lanes, masked tails (4096x4096, 2-core AMD EPYC: as fast as
+ *                AVX2 at M=1, which is memory bound, and 3-7% faster at M=16);
+ *   SIMD_AVX2    x86 with AVX2 + FMA: 8 lanes (the seed's kernel);
+ *   SIMD_SCALAR  anything else (arm64 included, for now): plain loops, correct but slow — native.py reports
+ *                it, and the dispatcher then prefers PyTorch's kernels.
+ * OpenMP is optional: without it (Apple clang rejects -fopenmp) the pragmas are compiled out and it runs on
+ * one thread. Every variant accumulates in fp32; they differ only in the order of the additions.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+enum { SIMD_SCALAR = 0, SIMD_AVX2 = 1, SIMD_AVX512 = 2 };
+
+#if defined(__x86_64__) || defined(__i386__)
+#define W8A16_X86 1
+#include <immintrin.h>
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
+#endif
 
 static inline float bf16_to_fp32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -34,41 +54,63 @@ static inline float load_value(const void *p, int64_t i, int is_bf16) {
     return is_bf16 ? bf16_to_fp32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+/* One variant's inner kernels. dot4: four consecutive weight rows (row stride k) against one row of x, with
+ * ``next`` (the next block of rows, or NULL) to prefetch. tile2: two weight rows against ``rows`` ≤ 4 rows of x
+ * (row stride ldx), out[j][r] = w_j · x_r. */
+typedef struct {
+    int lanes;
+    void (*dot4)(const int8_t *w, int64_t k, const float *x, float out[4], const int8_t *next);
+    void (*tile2)(const int8_t *w0, const int8_t *w1, int64_t k, const float *x, int64_t ldx, int rows,
+                  float out[2][4], const int8_t *next);
+} variant;
 
-static inline __m256 load8_int8_as_fp32(const int8_t *p) {
+/* ------------------------------------------------------------------------------------------------------------
+ * Scalar: the portable fallback
+ * ------------------------------------------------------------------------------------------------------------ */
+
+static float dot_scalar(const int8_t *w, const float *x, int64_t k) {
+    float s = 0.f;
+    for (int64_t i = 0; i < k; ++i) s += (float)w[i] * x[i];
+    return s;
+}
+
+static void dot4_scalar(const int8_t *w, int64_t k, const float *x, float out[4], const int8_t *next) {
+    (void)next;
+    for (int j = 0; j < 4; ++j) out[j] = dot_scalar(w + j * k, x, k);
+}
+
+static void tile2_scalar(const int8_t *w0, const int8_t *w1, int64_t k, const float *x, int64_t ldx, int rows,
+                         float out[2][4], const int8_t *next) {
+    (void)next;
+    for (int r = 0; r < rows; ++r) {
+        out[0][r] = dot_scalar(w0, x + r * ldx, k);
+        out[1][r] = dot_scalar(w1, x + r * ldx, k);
+    }
+}
+
+static const variant scalar_variant = {1, dot4_scalar, tile2_scalar};
+
+#ifdef W8A16_X86
+/* ------------------------------------------------------------------------------------------------------------
+ * AVX2 + FMA: 8 lanes
+ * ------------------------------------------------------------------------------------------------------------ */
+
+TARGET_AVX2 static inline __m256 load8_int8_as_fp32(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-static inline float horizontal_sum(__m256 v) {
+TARGET_AVX2 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
 
-/* One weight row against one row of x; the tail (k % 32) is summed in scalar code. */
-static float dot_int8_fp32(const int8_t *w, const float *x, int64_t k) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + 32 <= k; i += 32) {
-        a0 = _mm256_fmadd_ps(load8_int8_as_fp32(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(load8_int8_as_fp32(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(load8_int8_as_fp32(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(load8_int8_as_fp32(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    float s = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < k; ++i) s += (float)w[i] * x[i];
-    return s;
-}
-
-/* Four weight rows against one row of x: each load of x serves four rows, and the eight accumulators are
- * independent FMA chains. ``next`` (the next block of four rows, or NULL) is prefetched one cache line per
- * step: the four interleaved row streams are too short (k bytes each) for the hardware prefetcher to ramp
- * up, and prefetching the next block doubled the bandwidth on 1024-wide rows (9 -> 21 GB/s, 2 cores). */
-#define HAS_DOT4 1
-static void dot4_int8_fp32(const int8_t *w, int64_t k, const float *x, float out[4], const int8_t *next) {
+/* Each load of x serves four rows, and the eight accumulators are independent FMA chains. ``next`` is
+ * prefetched one cache line per step: the four interleaved row streams are too short (k bytes each) for the
+ * hardware prefetcher to ramp up, and prefetching the next block doubled the bandwidth on 1024-wide rows
+ * (9 -> 21 GB/s, 2 cores). The tail (k % 16) is summed in scalar code. */
+TARGET_AVX2 static void dot4_avx2(const int8_t *w, int64_t k, const float *x, float out[4], const int8_t *next) {
     const int8_t *w0 = w, *w1 = w + k, *w2 = w + 2 * k, *w3 = w + 3 * k;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     int64_t i = 0;
@@ -84,10 +126,10 @@ static void dot4_int8_fp32(const int8_t *w, int64_t k, const float *x, float out
         a3 = _mm256_fmadd_ps(load8_int8_as_fp32(w3 + i), x0, a3);
         b3 = _mm256_fmadd_ps(load8_int8_as_fp32(w3 + i + 8), x1, b3);
     }
-    out[0] = horizontal_sum(_mm256_add_ps(a0, b0));
-    out[1] = horizontal_sum(_mm256_add_ps(a1, b1));
-    out[2] = horizontal_sum(_mm256_add_ps(a2, b2));
-    out[3] = horizontal_sum(_mm256_add_ps(a3, b3));
+    out[0] = hsum8(_mm256_add_ps(a0, b0));
+    out[1] = hsum8(_mm256_add_ps(a1, b1));
+    out[2] = hsum8(_mm256_add_ps(a2, b2));
+    out[3] = hsum8(_mm256_add_ps(a3, b3));
     for (; i < k; ++i) {
         out[0] += (float)w0[i] * x[i];
         out[1] += (float)w1[i] * x[i];
@@ -96,13 +138,12 @@ static void dot4_int8_fp32(const int8_t *w, int64_t k, const float *x, float out
     }
 }
 
-/* Several rows of x (prefill, small batches): a tile of two weight rows × R ≤ 4 rows of x. Each group of 8
- * weights is converted to fp32 once and used for R rows of x, where `dot4_int8_fp32` would convert it R times:
- * at M ≥ 2 the conversion, not memory, is the bottleneck. 8 accumulators + 2 weights + 1 x = 11 registers. */
-#define HAS_TILE2 1
-static inline __attribute__((always_inline)) void tile2(const int8_t *w0, const int8_t *w1, int64_t k,
-                                                        const float *x, int64_t ldx, const int R,
-                                                        float out[2][4], const int8_t *next) {
+/* Several rows of x (prefill, small batches): each group of 8 weights is converted to fp32 once and used for
+ * R rows of x, where `dot4_avx2` would convert it R times: at M ≥ 2 the conversion, not memory, is the
+ * bottleneck. 8 accumulators + 2 weights + 1 x = 11 of the 16 registers. */
+TARGET_AVX2 static inline __attribute__((always_inline)) void tile2_avx2_r(
+        const int8_t *w0, const int8_t *w1, int64_t k, const float *x, int64_t ldx, const int R, float out[2][4],
+        const int8_t *next) {
     __m256 acc[2][4];
     for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
     int64_t i = 0;
@@ -116,8 +157,8 @@ static inline __attribute__((always_inline)) void tile2(const int8_t *w0, const 
         }
     }
     for (int r = 0; r < R; ++r) {
-        out[0][r] = horizontal_sum(acc[0][r]);
-        out[1][r] = horizontal_sum(acc[1][r]);
+        out[0][r] = hsum8(acc[0][r]);
+        out[1][r] = hsum8(acc[1][r]);
         for (int64_t j = i; j < k; ++j) {
             out[0][r] += (float)w0[j] * x[r * ldx + j];
             out[1][r] += (float)w1[j] * x[r * ldx + j];
@@ -125,89 +166,240 @@ static inline __attribute__((always_inline)) void tile2(const int8_t *w0, const 
     }
 }
 
-static void tile2_rows(const int8_t *w0, const int8_t *w1, int64_t k, const float *x, int64_t ldx, int rows,
-                       float out[2][4], const int8_t *next) {
+TARGET_AVX2 static void tile2_avx2(const int8_t *w0, const int8_t *w1, int64_t k, const float *x, int64_t ldx,
+                                   int rows, float out[2][4], const int8_t *next) {
     switch (rows) {  /* constant R per case: the r loops unroll and the accumulators stay in registers */
-        case 1: tile2(w0, w1, k, x, ldx, 1, out, next); break;
-        case 2: tile2(w0, w1, k, x, ldx, 2, out, next); break;
-        case 3: tile2(w0, w1, k, x, ldx, 3, out, next); break;
-        default: tile2(w0, w1, k, x, ldx, 4, out, next); break;
+        case 1: tile2_avx2_r(w0, w1, k, x, ldx, 1, out, next); break;
+        case 2: tile2_avx2_r(w0, w1, k, x, ldx, 2, out, next); break;
+        case 3: tile2_avx2_r(w0, w1, k, x, ldx, 3, out, next); break;
+        default: tile2_avx2_r(w0, w1, k, x, ldx, 4, out, next); break;
     }
 }
-#else
-/* Portable version: the compiler vectorises what it can. */
-static float dot_int8_fp32(const int8_t *w, const float *x, int64_t k) {
-    float s = 0.f;
-    for (int64_t i = 0; i < k; ++i) s += (float)w[i] * x[i];
-    return s;
+
+static const variant avx2_variant = {8, dot4_avx2, tile2_avx2};
+
+/* ------------------------------------------------------------------------------------------------------------
+ * AVX-512 (F, BW, VL): 16 lanes; the tail (k % 16) is one masked step, no scalar loop
+ * ------------------------------------------------------------------------------------------------------------ */
+
+TARGET_AVX512 static inline __m512 load16_int8_as_fp32(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
+
+/* The first ``count`` < 16 weights and x values, zeros beyond: nothing past the end of a row is read. */
+TARGET_AVX512 static inline __m512 load_tail_int8_as_fp32(const int8_t *p, __mmask16 mask) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
+
+TARGET_AVX512 static void dot4_avx512(const int8_t *w, int64_t k, const float *x, float out[4],
+                                      const int8_t *next) {
+    const int8_t *w0 = w, *w1 = w + k, *w2 = w + 2 * k, *w3 = w + 3 * k;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+        if (next) {  /* the same rate as dot4_avx2: 128 bytes of the next block per 128 consumed */
+            _mm_prefetch((const char *)(next + 4 * i), _MM_HINT_T0);
+            _mm_prefetch((const char *)(next + 4 * i + 64), _MM_HINT_T0);
+        }
+        __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+        a0 = _mm512_fmadd_ps(load16_int8_as_fp32(w0 + i), x0, a0);
+        b0 = _mm512_fmadd_ps(load16_int8_as_fp32(w0 + i + 16), x1, b0);
+        a1 = _mm512_fmadd_ps(load16_int8_as_fp32(w1 + i), x0, a1);
+        b1 = _mm512_fmadd_ps(load16_int8_as_fp32(w1 + i + 16), x1, b1);
+        a2 = _mm512_fmadd_ps(load16_int8_as_fp32(w2 + i), x0, a2);
+        b2 = _mm512_fmadd_ps(load16_int8_as_fp32(w2 + i + 16), x1, b2);
+        a3 = _mm512_fmadd_ps(load16_int8_as_fp32(w3 + i), x0, a3);
+        b3 = _mm512_fmadd_ps(load16_int8_as_fp32(w3 + i + 16), x1, b3);
+    }
+    for (; i < k; i += 16) {  /* at most two more steps, the last one masked */
+        __mmask16 mask = k - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1u);
+        __m512 x0 = _mm512_maskz_loadu_ps(mask, x + i);
+        a0 = _mm512_fmadd_ps(load_tail_int8_as_fp32(w0 + i, mask), x0, a0);
+        a1 = _mm512_fmadd_ps(load_tail_int8_as_fp32(w1 + i, mask), x0, a1);
+        a2 = _mm512_fmadd_ps(load_tail_int8_as_fp32(w2 + i, mask), x0, a2);
+        a3 = _mm512_fmadd_ps(load_tail_int8_as_fp32(w3 + i, mask), x0, a3);
+    }
+    out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
+    out[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+    out[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
+    out[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
+}
+
+/* As `tile2_avx2_r`, 16 lanes wide. */
+TARGET_AVX512 static inline __attribute__((always_inline)) void tile2_avx512_r(
+        const int8_t *w0, const int8_t *w1, int64_t k, const float *x, int64_t ldx, const int R, float out[2][4],
+        const int8_t *next) {
+    __m512 acc[2][4];
+    for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        if (next && (i & 31) == 0) _mm_prefetch((const char *)(next + 2 * i), _MM_HINT_T0);
+        __m512 a = load16_int8_as_fp32(w0 + i), b = load16_int8_as_fp32(w1 + i);
+        for (int r = 0; r < R; ++r) {
+            __m512 xr = _mm512_loadu_ps(x + r * ldx + i);
+            acc[0][r] = _mm512_fmadd_ps(a, xr, acc[0][r]);
+            acc[1][r] = _mm512_fmadd_ps(b, xr, acc[1][r]);
+        }
+    }
+    if (i < k) {  /* the last k % 16: one masked step */
+        __mmask16 mask = (__mmask16)((1u << (k - i)) - 1u);
+        __m512 a = load_tail_int8_as_fp32(w0 + i, mask), b = load_tail_int8_as_fp32(w1 + i, mask);
+        for (int r = 0; r < R; ++r) {
+            __m512 xr = _mm512_maskz_loadu_ps(mask, x + r * ldx + i);
+            acc[0][r] = _mm512_fmadd_ps(a, xr, acc[0][r]);
+            acc[1][r] = _mm512_fmadd_ps(b, xr, acc[1][r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        out[0][r] = _mm512_reduce_add_ps(acc[0][r]);
+        out[1][r] = _mm512_reduce_add_ps(acc[1][r]);
+    }
+}
+
+TARGET_AVX512 static void tile2_avx512(const int8_t *w0, const int8_t *w1, int64_t k, const float *x,
+                                       int64_t ldx, int rows, float out[2][4], const int8_t *next) {
+    switch (rows) {
+        case 1: tile2_avx512_r(w0, w1, k, x, ldx, 1, out, next); break;
+        case 2: tile2_avx512_r(w0, w1, k, x, ldx, 2, out, next); break;
+        case 3: tile2_avx512_r(w0, w1, k, x, ldx, 3, out, next); break;
+        default: tile2_avx512_r(w0, w1, k, x, ldx, 4, out, next); break;
+    }
+}
+
+static const variant avx512_variant = {16, dot4_avx512, tile2_avx512};
+#endif /* W8A16_X86 */
+
+/* ------------------------------------------------------------------------------------------------------------
+ * Run-time dispatch
+ * ------------------------------------------------------------------------------------------------------------ */
+
+/* The widest variant this build has and this CPU (and its OS) supports. */
+int w8a16_simd_best(void) {
+#ifdef W8A16_X86
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl"))
+        return SIMD_AVX512;
+    if (avx2) return SIMD_AVX2;
 #endif
-
-static inline void store(void *y, int64_t i, int64_t o, float dot, const void *scales, const void *bias,
-                         int params_bf16, int y_bf16) {
-    float v = dot * load_value(scales, o, params_bf16);
-    if (bias) v += load_value(bias, o, params_bf16);
-    if (y_bf16) ((uint16_t *)y)[i] = fp32_to_bf16(v);
-    else ((float *)y)[i] = v;
+    return SIMD_SCALAR;
 }
 
-/* Blocks of output rows (four at M=1, two in `tile2` tiles at M > 1) are split across threads; each weight row
- * is read from memory once and reused from L1 for every row of x. bf16 x is widened to fp32 once, up front.
- * Returns the SIMD width in floats it was built for (8 with AVX2, 1 without), or -1 if it could not allocate. */
+static int active_simd = -1;  /* set once at load by native.py (under its lock), or on the first call */
+
+/* Use variant ``level`` (SIMD_*), or the best one this CPU has where it has not that one or level < 0.
+ * Returns the variant now in use. */
+int w8a16_simd_use(int level) {
+    int best = w8a16_simd_best();
+    active_simd = level < 0 || level > best ? best : level;
+    return active_simd;
+}
+
+int w8a16_simd_active(void) {
+    return active_simd < 0 ? w8a16_simd_use(-1) : active_simd;
+}
+
+int w8a16_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static const variant *active_variant(void) {
+    switch (w8a16_simd_active()) {
+#ifdef W8A16_X86
+        case SIMD_AVX512: return &avx512_variant;
+        case SIMD_AVX2: return &avx2_variant;
+#endif
+        default: return &scalar_variant;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * The GEMV itself
+ * ------------------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    void *y;
+    const void *scales, *bias;
+    int64_t n;
+    int params_bf16, y_bf16;
+} output;
+
+static inline void store(const output *out, int64_t r, int64_t o, float dot) {
+    float v = dot * load_value(out->scales, o, out->params_bf16);
+    if (out->bias) v += load_value(out->bias, o, out->params_bf16);
+    int64_t i = r * out->n + o;
+    if (out->y_bf16) ((uint16_t *)out->y)[i] = fp32_to_bf16(v);
+    else ((float *)out->y)[i] = v;
+}
+
+/* M = 1 (decode): blocks of four output rows split across threads. */
+static void gemv_one_row(const variant *v, const int8_t *w, const float *x, int64_t k, int threads,
+                         const output *out) {
+    const int64_t n = out->n, blocks = (n + 3) / 4;
+    (void)threads;
+#ifdef _OPENMP
+    #pragma omp parallel for schedule(static) num_threads(threads)
+#endif
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t o = 4 * b;
+        if (o + 4 <= n) {
+            float d[4];
+            v->dot4(w + o * k, k, x, d, o + 8 <= n ? w + (o + 4) * k : NULL);
+            for (int j = 0; j < 4; ++j) store(out, 0, o + j, d[j]);
+        } else {  /* 1-3 rows left: one or two 2-row tiles (an odd last row is computed twice) */
+            for (int64_t j = o; j < n; j += 2) {
+                float d[2][4];
+                v->tile2(w + j * k, w + (j + 1 < n ? j + 1 : j) * k, k, x, k, 1, d, NULL);
+                for (int t = 0; t < 2 && j + t < n; ++t) store(out, 0, j + t, d[t][0]);
+            }
+        }
+    }
+}
+
+/* M > 1: pairs of output rows split across threads, each in tiles of up to four rows of x: each weight row is
+ * read from memory once and reused from L1 for every row of x. */
+static void gemv_rows(const variant *v, const int8_t *w, const float *x, int64_t m, int64_t k, int threads,
+                      const output *out) {
+    const int64_t n = out->n, pairs = (n + 1) / 2;
+    (void)threads;
+#ifdef _OPENMP
+    #pragma omp parallel for schedule(static) num_threads(threads)
+#endif
+    for (int64_t b = 0; b < pairs; ++b) {
+        const int64_t o = 2 * b;
+        const int8_t *w0 = w + o * k, *w1 = o + 1 < n ? w0 + k : w0;  /* an odd last row is computed twice */
+        for (int64_t r0 = 0; r0 < m; r0 += 4) {
+            int rows = m - r0 < 4 ? (int)(m - r0) : 4;
+            float d[2][4];
+            const int8_t *next = (r0 == 0 && o + 4 <= n) ? w + (o + 2) * k : NULL;
+            v->tile2(w0, w1, k, x + r0 * k, k, rows, d, next);
+            for (int r = 0; r < rows; ++r)
+                for (int j = 0; j < 2 && o + j < n; ++j) store(out, r0 + r, o + j, d[j][r]);
+        }
+    }
+}
+
+/* bf16 x is widened to fp32 once, up front. Returns the SIMD width in floats of the variant that ran (16, 8 or
+ * 1), or -1 if it could not allocate. */
 int w8a16_gemv(const int8_t *w, const void *x_in, const void *scales, const void *bias, void *y,
                int64_t m, int64_t n, int64_t k, int threads, int x_bf16, int params_bf16, int y_bf16) {
+    const variant *v = active_variant();
+    const output out = {y, scales, bias, n, params_bf16, y_bf16};
     const float *x = (const float *)x_in;
     float *widened = NULL;
     if (x_bf16) {
         widened = (float *)malloc((size_t)(m * k) * sizeof(float));
-        if (!widened) return -1;
+        if (!widened && m * k > 0) return -1;
         for (int64_t i = 0; i < m * k; ++i) widened[i] = bf16_to_fp32(((const uint16_t *)x_in)[i]);
         x = widened;
     }
-#ifdef HAS_TILE2
-    if (m > 1) {
-        int64_t pairs = (n + 1) / 2;
-        #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t b = 0; b < pairs; ++b) {
-            int64_t o = 2 * b;
-            const int8_t *w0 = w + o * k, *w1 = o + 1 < n ? w0 + k : w0;  /* an odd last row is computed twice */
-            for (int64_t r0 = 0; r0 < m; r0 += 4) {
-                int rows = m - r0 < 4 ? (int)(m - r0) : 4;
-                float d[2][4];
-                const int8_t *next = (r0 == 0 && o + 4 <= n) ? w + (o + 2) * k : NULL;
-                tile2_rows(w0, w1, k, x + r0 * k, k, rows, d, next);
-                for (int r = 0; r < rows; ++r)
-                    for (int j = 0; j < 2 && o + j < n; ++j)
-                        store(y, (r0 + r) * n + o + j, o + j, d[j][r], scales, bias, params_bf16, y_bf16);
-            }
-        }
-        free(widened);
-        return 8;
-    }
-#endif
-    int64_t blocks = (n + 3) / 4;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; ++b) {
-        int64_t o = 4 * b;
-        for (int64_t r = 0; r < m; ++r) {
-            const float *xr = x + r * k;
-#ifdef HAS_DOT4
-            if (o + 4 <= n) {
-                float d[4];
-                const int8_t *next = (r == 0 && o + 8 <= n) ? w + (o + 4) * k : NULL;
-                dot4_int8_fp32(w + o * k, k, xr, d, next);
-                for (int j = 0; j < 4; ++j) store(y, r * n + o + j, o + j, d[j], scales, bias, params_bf16, y_bf16);
-                continue;
-            }
-#endif
-            for (int64_t j = o; j < n && j < o + 4; ++j)
-                store(y, r * n + j, j, dot_int8_fp32(w + j * k, xr, k), scales, bias, params_bf16, y_bf16);
-        }
-    }
+    if (m == 1) gemv_one_row(v, w, x, k, threads, &out);
+    else gemv_rows(v, w, x, m, k, threads, &out);
     free(widened);
-#if defined(__AVX2__) && defined(__FMA__)
-    return 8;
-#else
-    return 1;
-#endif
+    return v->lanes;
 }

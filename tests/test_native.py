@@ -1,0 +1,422 @@
+"""native.py: building, caching and loading the C kernel where things go wrong, and every SIMD variant's numbers.
+
+The build tests compile into temp dirs of their own (never the real cache). Tests that must start from a fresh
+interpreter — a damaged cache is loaded by a new process, not the one that built it — run a short script in a
+subprocess; the rest reset `native._state` and point the cache at ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from w8a16 import native
+
+PACKAGE_PARENT = str(Path(native.__file__).resolve().parents[1])  # the w8a16 under test, for subprocesses
+GCC = shutil.which("gcc") or shutil.which("cc")
+needs_compiler = pytest.mark.skipif(GCC is None, reason="no C compiler here")
+
+# Builds the kernel in a fresh interpreter (TMPDIR as given), checks a small product against fp64, prints info().
+CHECK_SCRIPT = """
+import json, sys, torch
+try:
+    from w8a16.ops import w8a16_linear
+except ImportError:
+    from w8a16.kernels import w8a16_linear
+from w8a16 import native
+
+torch.manual_seed(0)
+w = torch.randint(-127, 128, (37, 100), dtype=torch.int8)
+s, b = torch.rand(37) / 50, torch.randn(37)
+ok = True
+for m in (1, 3):
+    x = torch.randn(m, 100)
+    ref = x.double() @ (w.double() * s.double()[:, None]).T + b.double()
+    outs = [w8a16_linear(x, w, s, b)] + ([native.gemv(x, w, s, b)] if native.library() is not None else [])
+    ok = ok and all(torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5) for y in outs)
+print(json.dumps({"ok": ok, "info": native.info()}))
+"""
+
+
+def run_python(code: str, tmpdir: Path, **env: str) -> dict:
+    """Run ``code`` in a new interpreter with TMPDIR=``tmpdir``; the JSON it prints last."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("W8A16_NATIVE", "W8A16_NATIVE_SIMD", "CC")}
+    python_path = os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))
+    environ.update(TMPDIR=str(tmpdir), PYTHONPATH=python_path)
+    environ.update(env)
+    done = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode} (a negative one is a signal)\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cache_files(tmpdir: Path) -> tuple[Path, Path]:
+    """The one library built under ``tmpdir`` and its sidecar record."""
+    (library,) = (tmpdir / f"w8a16-native-{os.getuid()}").glob("gemv-*.so")
+    return library, library.with_suffix(".json")
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path) -> Path:
+    """`native` as if never loaded in this process, caching under ``tmp_path``; restored afterwards."""
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))
+    for name in ("W8A16_NATIVE", "W8A16_NATIVE_SIMD", "CC"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def fp64_reference(x, w, s, b):
+    y = (x.double() @ w.double().T) * s.double()
+    return y if b is None else y + b.double()
+
+
+def assert_within_fp32_rounding(y: torch.Tensor, x, w, s, b) -> None:
+    """|y - exact| within the worst case of k fp32 roundings of the sum (any order), plus y's own rounding."""
+    ref = fp64_reference(x, w, s, b)
+    magnitude = (x.double().abs() @ w.double().abs().T) * s.double().abs()
+    if b is not None:
+        magnitude = magnitude + b.double().abs()
+    bound = (w.shape[1] + 3) * 2.0**-24 * magnitude
+    if y.dtype == torch.bfloat16:
+        bound = bound + 2.0**-8 * (ref.abs() + bound)
+    error = (y.double() - ref).abs()
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert bool((error <= bound + 1e-30).all()), f"max excess {(error - bound).max().item():.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. No writable temp dir: None once, with the reason; the PyTorch paths answer
+# ---------------------------------------------------------------------------------------------------------------
+
+NO_TEMP_SCRIPT = """
+import os, sys, tempfile
+if sys.argv[1] == "none-usable":  # what tempfile raises when no candidate directory is writable
+    def gettempdir():
+        raise FileNotFoundError(2, "No usable temporary directory found in ['/tmp', '/var/tmp']")
+    tempfile.gettempdir = gettempdir
+else:  # a directory that cannot exist: it is under a regular file
+    tempfile.tempdir = os.environ["TMPDIR"]
+from w8a16 import native
+attempts = []
+build = native._build_and_load
+native._build_and_load = lambda: attempts.append(1) or build()
+""" + CHECK_SCRIPT.replace('print(json.dumps({"ok": ok, ', 'print(json.dumps({"attempts": len(attempts), "ok": ok, ')
+
+
+@pytest.mark.parametrize("how", ["none-usable", "under-a-file"])
+def test_no_writable_temp_dir_gives_no_library_once_and_correct_answers(tmp_path, how):
+    (tmp_path / "afile").write_text("not a directory")
+    out = run_python(NO_TEMP_SCRIPT.replace("sys.argv[1]", repr(how)), tmp_path / "afile" / "sub")
+    assert out["ok"] and out["attempts"] == 1
+    assert out["info"]["available"] is False and out["info"]["simd"] is None
+    assert "No usable temporary directory" in out["info"]["reason"] or "no writable directory" in out["info"]["reason"]
+
+
+def test_no_writable_temp_dir_in_process(fresh, monkeypatch):
+    (fresh / "afile").write_text("")
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(fresh / "afile" / "sub"))
+    assert native.library() is None and native.library() is None
+    assert "no writable directory" in native.unavailable_reason()
+    assert native.info()["available"] is False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. A damaged cached library is verified and rebuilt, never loaded
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory) -> Path:
+    """A temp dir whose cache holds one good build (made by a subprocess, as a user's first run would)."""
+    tmpdir = tmp_path_factory.mktemp("cache")
+    first = run_python(CHECK_SCRIPT, tmpdir)
+    assert first["ok"] and first["info"]["available"] and first["info"]["built"], first
+    return tmpdir
+
+
+def damage(library: Path, record: Path, how: str) -> None:
+    data = library.read_bytes()
+    if how == "truncated":  # a full disk or a killed copy: loading this was SIGBUS
+        library.write_bytes(data[: len(data) // 2])
+    elif how == "zeroed":  # same size, a block of zeros in the middle
+        middle = len(data) // 2
+        library.write_bytes(data[:middle] + bytes(4096) + data[middle + 4096 :])
+    elif how == "empty":
+        library.write_bytes(b"")
+    elif how == "no-record":
+        record.unlink()
+    elif how == "bad-record":
+        record.write_text("{not json")
+
+
+@needs_compiler
+@pytest.mark.parametrize("how", ["truncated", "zeroed", "empty", "no-record", "bad-record"])
+def test_a_damaged_cache_is_rebuilt(built_cache, tmp_path, how):
+    shutil.copytree(built_cache, tmp_path, dirs_exist_ok=True)
+    library, record = cache_files(tmp_path)
+    damage(library, record, how)
+    out = run_python(CHECK_SCRIPT, tmp_path)
+    assert out["ok"] and out["info"]["available"] and out["info"]["built"], out
+    assert json.loads(record.read_text())["sha256"] == native._sha256(library)
+    if how == "truncated":
+        again = run_python(CHECK_SCRIPT, tmp_path)  # and the rebuilt one is used from then on
+        assert again["ok"] and again["info"]["available"] and not again["info"]["built"]
+
+
+@needs_compiler
+def test_a_good_cache_is_loaded_without_building(built_cache, tmp_path):
+    shutil.copytree(built_cache, tmp_path, dirs_exist_ok=True)
+    library, _ = cache_files(tmp_path)
+    before = library.stat().st_mtime_ns
+    out = run_python(CHECK_SCRIPT, tmp_path)
+    assert out["ok"] and out["info"]["available"] and not out["info"]["built"]
+    assert out["info"]["library"] == str(library) and library.stat().st_mtime_ns == before
+
+
+@needs_compiler
+def test_concurrent_first_builds_all_succeed(tmp_path):
+    environ = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": PACKAGE_PARENT}
+    procs = [subprocess.Popen([sys.executable, "-c", CHECK_SCRIPT], env=environ, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr[-2000:]
+        out = json.loads(stdout.strip().splitlines()[-1])
+        assert out["ok"] and out["info"]["available"], out
+    library, record = cache_files(tmp_path)  # one library, matching its record, no temporary files left
+    assert json.loads(record.read_text())["sha256"] == native._sha256(library)
+    assert not list(library.parent.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Portable build: no -march=native, and a cache key with everything the binary depends on
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_build_flags_are_portable():
+    assert not any(flag.startswith(("-march", "-mcpu", "-mtune", "-mavx", "-mfma")) for flag in native.FLAGS)
+    assert not any(flag.startswith("-m") for flag in native.OPENMP_FLAGS)
+
+
+def test_cache_key_covers_machine_compiler_flags_and_source(monkeypatch, tmp_path):
+    key = native._cache_key(["gcc"], "gcc 12.2.0")
+    assert key == native._cache_key(["gcc"], "gcc 12.2.0")
+    assert key != native._cache_key(["gcc"], "gcc 13.1.0")
+    assert key != native._cache_key(["ccache", "gcc"], "gcc 12.2.0")
+    monkeypatch.setattr(native.platform, "machine", lambda: "some-other-arch")
+    other_machine = native._cache_key(["gcc"], "gcc 12.2.0")
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-DX"])
+    other_flags = native._cache_key(["gcc"], "gcc 12.2.0")
+    monkeypatch.undo()
+    source = tmp_path / "gemv.c"
+    source.write_bytes(native.SOURCE.read_bytes() + b"\n")
+    monkeypatch.setattr(native, "SOURCE", source)
+    other_source = native._cache_key(["gcc"], "gcc 12.2.0")
+    assert len({key, other_machine, other_flags, other_source}) == 4
+
+
+@needs_compiler
+def test_recorded_build_command_has_no_march_native(fresh):
+    assert native.library() is not None, native.unavailable_reason()
+    library, record = cache_files(fresh)
+    command = json.loads(record.read_text())["command"]
+    assert not any(part.startswith("-march") for part in command) and str(native.SOURCE) in command
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. A compiler without OpenMP (Apple clang) still builds it, single-threaded, and says so
+# 5. CC is split like a shell would
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def check_gemv_correct() -> None:
+    w = torch.randint(-127, 128, (13, 70), dtype=torch.int8)
+    s, b = torch.rand(13) / 50, torch.randn(13)
+    for m in (1, 2, 5):
+        x = torch.randn(m, 70)
+        assert_within_fp32_rounding(native.gemv(x, w, s, b), x, w, s, b)
+
+
+@needs_compiler
+def test_compiler_that_rejects_openmp_builds_without_it(fresh, monkeypatch):
+    cc = write_script(fresh / "cc-without-openmp", f"""
+for arg in "$@"; do
+  if [ "$arg" = "-fopenmp" ]; then echo "clang: error: unsupported option '-fopenmp'" >&2; exit 1; fi
+done
+exec {GCC} "$@"
+""")
+    monkeypatch.setenv("CC", str(cc))
+    assert native.library() is not None, native.unavailable_reason()
+    info = native.info()
+    assert info["available"] and info["openmp"] is False and info["built"] and info["compiler"] == str(cc)
+    check_gemv_correct()
+
+
+@needs_compiler
+def test_default_build_uses_openmp_where_the_compiler_has_it(fresh):
+    assert native.library() is not None, native.unavailable_reason()
+    assert native.info()["openmp"] is True
+
+
+@needs_compiler
+@pytest.mark.parametrize("wrapper", ["script", "env"])
+def test_cc_with_a_wrapper_is_split_like_a_shell(fresh, monkeypatch, wrapper):
+    marker = fresh / "wrapper-ran"
+    if wrapper == "env":
+        command = f"env {GCC}"
+    else:
+        script = write_script(fresh / "my wrapper", f'touch "{marker}"\nexec "$@"\n')  # a space in its path
+        command = f"'{script}' {GCC}"
+    monkeypatch.setenv("CC", command)
+    assert native.library() is not None, native.unavailable_reason()
+    assert native.info()["compiler"] == shlex.join(shlex.split(command))
+    assert wrapper == "env" or marker.exists()
+    check_gemv_correct()
+
+
+def test_a_compiler_that_is_not_there_is_reported(fresh, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh / "no-such-cc"))
+    assert native.library() is None
+    assert "could not build" in native.unavailable_reason() and native.info()["simd"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. simd() says what the library runs on this CPU; the scalar variant can be forced and is reported as None
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+@needs_compiler
+def test_simd_is_the_widest_this_cpu_has():
+    if native.library() is None:
+        pytest.skip(native.unavailable_reason())
+    flags = cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= flags:
+        expected = "avx512"
+    elif {"avx2", "fma"} <= flags:
+        expected = "avx2"
+    else:
+        expected = None
+    assert native.library().w8a16_simd_best() == native.SIMD_LEVELS.index(expected or "scalar")
+    if not os.environ.get("W8A16_NATIVE_SIMD"):
+        assert native.simd() == expected and native.info()["simd"] == expected
+
+
+@needs_compiler
+@pytest.mark.parametrize("level", ["scalar", "avx2"])
+def test_w8a16_native_simd_caps_the_variant(built_cache, tmp_path, level):
+    shutil.copytree(built_cache, tmp_path, dirs_exist_ok=True)
+    out = run_python(CHECK_SCRIPT, tmp_path, W8A16_NATIVE_SIMD=level)
+    assert out["ok"] and out["info"]["available"], out
+    if level == "scalar":
+        assert out["info"]["simd"] is None  # built and loaded, but reported as not vectorised
+    else:
+        assert out["info"]["simd"] in ("avx2", None)  # capped at AVX2, or scalar on a CPU without it
+
+
+@needs_compiler
+def test_unknown_w8a16_native_simd_warns_and_uses_the_best(fresh, monkeypatch, built_cache):
+    shutil.copytree(built_cache, fresh, dirs_exist_ok=True)
+    monkeypatch.setenv("W8A16_NATIVE_SIMD", "sse9")
+    with pytest.warns(RuntimeWarning, match="sse9"):
+        lib = native.library()
+    best = native.SIMD_LEVELS[lib.w8a16_simd_best()]
+    assert native.simd() == (None if best == "scalar" else best)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Every variant within fp32 rounding of an fp64 reference, on odd shapes and every dtype combination
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def available_variants() -> list[str]:
+    lib = native.library()
+    return [] if lib is None else list(native.SIMD_LEVELS[: lib.w8a16_simd_best() + 1])
+
+
+@pytest.fixture(params=native.SIMD_LEVELS)
+def variant(request) -> str:
+    """The kernel switched to one SIMD variant for the test, then back to what it was."""
+    if request.param not in available_variants():
+        pytest.skip(f"{request.param} does not run on this CPU (or no native kernel here)")
+    before = native._state["simd"]
+    assert native.select_simd(request.param) == request.param
+    yield request.param
+    native.select_simd(before)
+
+
+# (n, k): n not a multiple of 4 or 2, k not a multiple of 8/16/32, rows shorter than one vector, n ≥ 8 for the
+# prefetching blocks.
+SHAPES = [(1, 1), (3, 7), (5, 17), (9, 33), (13, 100), (6, 257), (37, 47), (8, 1000), (2, 16), (4, 64)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("params_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_every_variant_is_within_fp32_rounding(variant, x_dtype, params_dtype, bias):
+    torch.manual_seed(1)
+    for i, m in enumerate(range(1, 34)):
+        for n, k in (SHAPES[i % len(SHAPES)], SHAPES[(i + 3) % len(SHAPES)]):
+            w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+            s = (torch.rand(n) / 50 + 1e-3).to(params_dtype)
+            b = torch.randn(n).to(params_dtype) if bias else None
+            x = (torch.randn(m, k) * 3).to(x_dtype)
+            y = native.gemv(x, w, s, b)
+            assert_within_fp32_rounding(y, x, w, s, b)
+            assert torch.equal(native.PreparedWeights(w, s, b).run(x), y)  # same variant and order: bit for bit
+
+
+def test_every_variant_on_a_wide_layer(variant):
+    """4096-wide rows at M=1 and M=5: the main loops, prefetching and the odd last rows, in both dtypes."""
+    torch.manual_seed(2)
+    w = torch.randint(-128, 128, (75, 4099), dtype=torch.int8)
+    s, b = torch.rand(75) / 50, torch.randn(75)
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in (1, 5):
+            x = torch.randn(m, 4099).to(dtype)
+            assert_within_fp32_rounding(native.gemv(x, w, s.to(dtype), b.to(dtype)), x, w, s.to(dtype), b.to(dtype))
+
+
+def test_variants_agree_with_each_other_closely():
+    variants = available_variants()
+    if len(variants) < 2:
+        pytest.skip("one variant here")
+    before = native._state["simd"]
+    torch.manual_seed(3)
+    w = torch.randint(-128, 128, (64, 999), dtype=torch.int8)
+    s, x = torch.rand(64) / 50, torch.randn(7, 999)
+    try:
+        outs = {}
+        for name in variants:
+            native.select_simd(name)
+            outs[name] = native.gemv(x, w, s, None)
+    finally:
+        native.select_simd(before)
+    for name, y in outs.items():
+        scale = outs["scalar"].abs().max().item()
+        torch.testing.assert_close(y, outs["scalar"], rtol=1e-5, atol=1e-5 * scale, msg=name)
