@@ -319,14 +319,22 @@ def gemv(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tensor, bias
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+# Multiply-adds below which one thread does the whole call: ~10 µs of work, less than waking the other threads
+# costs — and on a busy machine (other processes on the cores) a parallel region can wait milliseconds for a
+# descheduled thread (a 384×128 layer: 0.2 ms → 9 ms per call under a load of 3 on 2 cores).
+SERIAL_BELOW = 1 << 18
+
+
 def _call(lib: ctypes.CDLL, pointers: tuple[int, int, int], x: torch.Tensor, y: torch.Tensor, n: int, k: int,
           params_bf16: bool) -> None:
     """The C call itself, on tensors already checked to be in its contract (``pointers``: weight, scales, bias;
     0 for no bias)."""
     weights, scales, bias = pointers
     bf16 = x.dtype == torch.bfloat16
-    status = lib.w8a16_gemv(weights, x.data_ptr(), scales, bias, y.data_ptr(), x.numel() // k, n, k,
-                            torch.get_num_threads(), bf16, params_bf16, bf16)
+    m = x.numel() // k
+    threads = 1 if m * n * k < SERIAL_BELOW else torch.get_num_threads()
+    status = lib.w8a16_gemv(weights, x.data_ptr(), scales, bias, y.data_ptr(), m, n, k, threads, bf16, params_bf16,
+                            bf16)
     if status < 0:
         raise MemoryError("native gemv: could not allocate the widened activations")
 
