@@ -294,7 +294,7 @@ def test_bad_arguments_raise(bad):
 
 def test_native_kernel_builds_here_and_is_chosen_for_decode():
     """This machine has a C compiler, so decode-sized calls must take the native path (or say why not)."""
-    from w8a16 import native
+    from w8a16.ops import native
 
     assert native.library() is not None, native.unavailable_reason()
     w, s, b = make_args(4095, 33, torch.float32, "cpu")  # odd in_features: the C tail loop
@@ -305,7 +305,7 @@ def test_native_kernel_builds_here_and_is_chosen_for_decode():
 
 
 def test_native_kernel_off_falls_back(monkeypatch):
-    from w8a16 import native
+    from w8a16.ops import native
 
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("W8A16_NATIVE", "0")
@@ -319,7 +319,7 @@ def test_native_kernel_off_falls_back(monkeypatch):
 
 
 def test_native_build_failure_falls_back(monkeypatch, tmp_path):
-    from w8a16 import native
+    from w8a16.ops import native
 
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))
@@ -332,7 +332,7 @@ def test_native_build_failure_falls_back(monkeypatch, tmp_path):
 
 
 def test_native_refuses_a_directory_others_can_write(monkeypatch, tmp_path):
-    from w8a16 import native
+    from w8a16.ops import native
 
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))

@@ -172,7 +172,7 @@ def test_seed_readme_example():
 # ---------------------------------------------------------------------------------------------------------------
 
 native_only = pytest.mark.skipif(
-    __import__("w8a16").native.library() is None, reason="no C compiler here: the native kernel is not built"
+    __import__("w8a16.ops.native").ops.native.library() is None, reason="no C compiler here: the native kernel is not built"
 )
 
 
@@ -278,7 +278,7 @@ def test_decode_cache_is_not_pickled_or_shared_by_copies(tmp_path):
 
 @native_only
 def test_decode_step_steps_aside_when_the_kernel_goes_away(monkeypatch):
-    from w8a16 import native
+    from w8a16.ops import native
 
     layer = decode_layer(torch.float32)
     x = torch.randn(1, 100)

@@ -1,4 +1,4 @@
-"""native.py: building, caching and loading the C kernel where things go wrong, and every SIMD variant's numbers.
+"""ops/native.py: building, caching and loading the C kernel where things go wrong, and every SIMD variant's numbers.
 
 The build tests compile into temp dirs of their own (never the real cache). Tests that must start from a fresh
 interpreter — a damaged cache is loaded by a new process, not the one that built it — run a short script in a
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from w8a16 import native
+from w8a16.ops import native
 
 PACKAGE_PARENT = str(Path(native.__file__).resolve().parents[1])  # the w8a16 under test, for subprocesses
 GCC = shutil.which("gcc") or shutil.which("cc")
@@ -28,11 +28,7 @@ needs_compiler = pytest.mark.skipif(GCC is None, reason="no C compiler here")
 # Builds the kernel in a fresh interpreter (TMPDIR as given), checks a small product against fp64, prints info().
 CHECK_SCRIPT = """
 import json, sys, torch
-try:
-    from w8a16.ops import w8a16_linear
-except ImportError:
-    from w8a16.kernels import w8a16_linear
-from w8a16 import native
+from w8a16.ops import native, w8a16_linear
 
 torch.manual_seed(0)
 w = torch.randint(-127, 128, (37, 100), dtype=torch.int8)
@@ -105,7 +101,7 @@ if sys.argv[1] == "none-usable":  # what tempfile raises when no candidate direc
     tempfile.gettempdir = gettempdir
 else:  # a directory that cannot exist: it is under a regular file
     tempfile.tempdir = os.environ["TMPDIR"]
-from w8a16 import native
+from w8a16.ops import native
 attempts = []
 build = native._build_and_load
 native._build_and_load = lambda: attempts.append(1) or build()

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from w8a16 import Quantizer, W8A16LinearLayer, native, ops
+from w8a16 import Quantizer, W8A16LinearLayer, ops
+from w8a16.ops import native
 from w8a16.ops import dispatch
 
 

@@ -18,13 +18,32 @@ is never consulted while tracing.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
-from . import native, ops, quant
+from . import ops, quant
+from .ops import native
 from .ops.cpu import aligned_copy, is_aligned
 
 _BUFFERS = ("int8_weights", "scales", "bias")
+
+
+def hf_conv1d() -> type[nn.Module] | None:
+    """transformers' `Conv1D` class, or None while transformers is not loaded (a model holding one has loaded it,
+    so there is no need to import transformers, about a second, just to look)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` weight of an `nn.Linear`, or of a transformers `Conv1D` (stored ``(in, out)``: a view)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    conv1d = hf_conv1d()
+    if conv1d is not None and isinstance(module, conv1d):
+        return module.weight.t()
+    raise TypeError(f"expected an nn.Linear or a transformers Conv1D, got {type(module).__name__}")
 
 
 class W8A16LinearLayer(nn.Module):
@@ -61,17 +80,17 @@ class W8A16LinearLayer(nn.Module):
         self.register_buffer("bias", torch.randn(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "W8A16LinearLayer":
-        """Quantize an `nn.Linear`, keeping its dtype (for scales and bias) and device."""
+    def from_linear(cls, linear: nn.Module) -> "W8A16LinearLayer":
+        """Quantize an `nn.Linear` or a transformers `Conv1D`, keeping its dtype (for scales and bias) and device.
+
+        `Conv1D` (GPT-2, GPT, ImageGPT...) is a Linear whose weight is stored transposed, ``(in, out)``, and
+        computes ``x @ W + b``; it is transposed on the way in, so the layer computes the same function.
+        """
+        weight = linear_weight(linear)
+        out_features, in_features = weight.shape
         # Built on meta: quantize() replaces every buffer, so random placeholders would be wasted work.
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            dtype=linear.weight.dtype,
-            device="meta",
-        )
-        layer.quantize(linear.weight)
+        layer = cls(in_features, out_features, bias=linear.bias is not None, dtype=weight.dtype, device="meta")
+        layer.quantize(weight)
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
         return layer
@@ -92,12 +111,25 @@ class W8A16LinearLayer(nn.Module):
         if not weights.is_meta and not torch.isfinite(scales).all():
             raise ValueError(f"weights up to {weights.abs().max().item():.3g} need scales that overflow {scales.dtype}")
         device = weights.device if self.int8_weights.is_meta else self.int8_weights.device
-        self.int8_weights = quant.quantize(weights, scales).to(device)
+        # contiguous: the kernels read rows, and a transposed view (Conv1D's weight) would give column-major int8
+        self.int8_weights = quant.quantize(weights, scales).to(device).contiguous()
         self.scales = scales.to(device)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``int8 * scales`` as a dense ``(out, in)`` matrix, for error analysis."""
         return quant.dequantize(self.int8_weights, self.scales, dtype or self.scales.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Read-only: the dequantized weight ``int8_weights * scales``, ``(out, in)``, in the scales' dtype.
+
+        For code that reads a Linear's ``.weight`` itself instead of calling it (``nn.MultiheadAttention``,
+        torch's fused encoder path, transformers' ``if layer.weight.dtype != ...``), as quanto and bitsandbytes
+        keep a ``.weight``. Each access builds a new dense tensor as large as the float weight the quantization
+        saved: fine for a dtype check, costly in a hot loop. A property, not a parameter or buffer, so it is in
+        no ``state_dict``, and ``.to()``, copying and pickling never see it.
+        """
+        return self.dequantized_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._decode_step(x)

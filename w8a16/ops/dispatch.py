@@ -5,7 +5,7 @@
     batches above `gpu.MAX_M`. On a CPU slow: most of its time goes into allocating and first-touching a
     full-size dense weight on every call.
 ``native``
-    A short C kernel (``csrc/gemv.c``, built on first use by `native`) that converts int8 to fp32 in registers
+    A short C kernel (``ops/csrc/gemv.c``, built on first use by `native`) that converts int8 to fp32 in registers
     and accumulates in fp32: the weights are read once, as int8. At M=1 (decode) it streams them at memory
     speed; for a few rows of x it converts each weight once for four rows. Used up to `NATIVE_MAX_M` rows, on a
     CPU where the library runs a SIMD variant (a scalar C loop loses to PyTorch's kernels).
@@ -42,8 +42,7 @@ import warnings
 
 import torch
 
-from .. import native
-from . import gpu
+from . import gpu, native
 from .cpu import int8pack_linear, int8pack_supported, tiled_linear
 from .reference import reference_linear
 
