@@ -14,7 +14,7 @@ import torch
 from transformers import CodeGenConfig, CodeGenForCausalLM
 
 import w8a16
-from w8a16.cli import main
+from w8a16.io.cli import main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 

@@ -25,8 +25,8 @@ from transformers import CodeGenConfig, CodeGenForCausalLM
 
 import w8a16
 from w8a16 import QuantizedFormatError, load_quantized, save_quantized
-from w8a16 import cli
-from w8a16.serialization import MANIFEST_FILE, WEIGHTS_FILE
+from w8a16.io import cli
+from w8a16.io.serialization import MANIFEST_FILE, WEIGHTS_FILE
 
 def tiny_codegen() -> CodeGenForCausalLM:
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from transformers import CodeGenConfig, CodeGenForCausalLM, GPT2Config, GPT2LMHe
 import w8a16
 from w8a16 import QuantizedFormatError, W8A16LinearLayer, load_quantized, save_quantized
 from w8a16.models import shipped_config
-from w8a16.serialization import (
+from w8a16.io.serialization import (
     MANIFEST_FILE,
     NONPERSISTENT_PREFIX,
     WEIGHTS_FILE,
@@ -319,14 +319,14 @@ def codegen_350m_config() -> CodeGenConfig:
 def test_memory_bound_codegen_350m_shape(tmp_path: Path) -> None:
     """Loading a codegen-350M-shaped bf16 model (lm_head kept, ~462 MB) plus one forward costs ≤ 1.3x its size.
 
-    What is measured (`w8a16.cli._measure_here`, run in a fresh process by `measure_load`): the peak of
+    What is measured (`w8a16.io.cli._measure_here`, run in a fresh process by `measure_load`): the peak of
     RssAnon — anonymous resident memory, i.e. heap, *not* file-backed pages such as an mmap or the page
     cache of model.safetensors — polled every millisecond from /proc/self/status during load_quantized()
     and one 8-token forward, minus RssAnon just before the load (torch, transformers and the model class
     already imported). A load that materialised the bf16 weights (~714 MB) would exceed the bound by itself.
     The random weights are written straight into a meta-built, meta-quantized model so the test stays fast.
     """
-    from w8a16.cli import MEMORY_BOUND, measure_load
+    from w8a16.io.cli import MEMORY_BOUND, measure_load
 
     with torch.device("meta"):
         model = CodeGenForCausalLM._from_config(codegen_350m_config(), dtype=torch.bfloat16)

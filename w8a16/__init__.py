@@ -16,7 +16,7 @@ from .quant import (
     quantize,
 )
 from .quantizer import QuantizationReport, Quantizer, footprint_bytes, quantize_model
-from .serialization import QuantizedFormatError, load_quantized, save_quantized
+from .io.serialization import QuantizedFormatError, load_quantized, save_quantized
 
 __version__ = "0.1.0"
 

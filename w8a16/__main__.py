@@ -1,8 +1,8 @@
-"""``python -m w8a16 ...``: see `w8a16.cli`."""
+"""``python -m w8a16 ...``: see `w8a16.io.cli`."""
 
 import sys
 
-from .cli import main
+from .io.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
