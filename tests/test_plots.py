@@ -48,6 +48,27 @@ def test_plot_quantization_steps_has_five_panels_in_order():
     assert titles[4].startswith("error")
 
 
+def test_plot_quantization_steps_is_legible_at_notebook_width():
+    # JupyterLab shows an output image at most ~850 px wide (1280 px window): a figure about 10 in wide (100 dpi
+    # inline) is barely shrunk, so the numbers in the cells must be written at ≥ 10 pt to be ≥ 8 px on screen.
+    w = torch.randn(4, 6)
+    fig = plots.plot_quantization_steps(w, quant.per_tensor_scale(w))
+    assert fig.get_figwidth() <= 10.5
+    texts = [t for ax in fig.axes for t in ax.texts]
+    assert len(texts) == 5 * 24 and min(t.get_fontsize() for t in texts) >= 10
+
+
+def test_plot_quantization_steps_writes_the_error_in_a_named_power_of_ten():
+    w = torch.tensor([[0.5, -0.25, 0.1], [1.0, 0.3, -0.7]])
+    s = quant.per_tensor_scale(w)
+    fig = plots.plot_quantization_steps(w, s)
+    err = w - quant.dequantize(quant.quantize(w, s), s)
+    exponent = int(torch.floor(torch.log10(err.abs().max())))
+    assert fig.axes[4].get_title().endswith(f"(×$10^{{{exponent}}}$)")
+    shown = [float(t.get_text()) for t in fig.axes[4].texts]
+    assert shown == pytest.approx((err / 10.0**exponent).ravel().tolist(), abs=0.051)
+
+
 def test_plot_quantization_steps_per_channel_and_zero_row():
     w = _w()
     w[1] = 0
@@ -177,3 +198,22 @@ def test_figure_widget_redraws_on_change():
     slider.value = 2
     assert bytes(image.value) != first
     assert plt.get_fignums() == []  # every drawn figure was closed
+
+
+def test_figures_fit_the_notebook_width_with_legible_legends():
+    # A figure wider than MAX_WIDTH inches is shrunk by JupyterLab, and its legend text with it.
+    w = 0.02 * torch.randn(8, 16)
+    rows = [{"name": f"h.{i // 4}.{['q', 'o', 'fc_in', 'fc_out'][i % 4]}", "rel_fro": 0.008} for i in range(81)]
+    figures = [
+        plots.plot_scale_comparison(w, group_size=4),
+        plots.plot_layer_errors(rows).figure,
+        plots.plot_int8_grid(w[0], quant.per_channel_scales(w)[0]).figure,
+        plots.plot_row_schemes(w, row=1, group_size=4),
+        plots.plot_error_histogram({"a": torch.randn(100), "b": torch.randn(100)}).figure,
+    ]
+    for fig in figures:
+        assert fig.get_figwidth() <= plots.MAX_WIDTH
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            if legend is not None:
+                assert min(t.get_fontsize() for t in legend.get_texts()) >= plots.LEGEND_FONTSIZE >= 9

@@ -71,7 +71,7 @@ def draw_detections(ax: Any, image: Any, detections: list[Detection], title: str
     for det in detections:
         x0, y0, x1, y1 = det.box
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=2))
-        ax.text(x0, y0, f"{det.name} {det.score:.2f}", color="black", fontsize=8, va="bottom",
+        ax.text(x0, y0, f"{det.name} {det.score:.2f}", color="black", fontsize=9, va="bottom",
                 bbox={"facecolor": color, "alpha": 0.7, "pad": 1, "edgecolor": "none"})
     ax.set_title(title, fontsize=10)
     ax.axis("off")

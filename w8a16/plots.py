@@ -25,6 +25,12 @@ from . import quant
 
 _SCHEME_COLORS = {"per-tensor": "tab:red", "per-channel": "tab:blue", "per-group": "tab:green"}
 
+# Legibility in JupyterLab: an output image is shown at most ~850 px wide (1280 px window, file browser open) and
+# the inline backend draws at 100 dpi, so a figure wider than ~8.5 in is shrunk. Figures here stay at most
+# `MAX_WIDTH` inches wide and legends use `LEGEND_FONTSIZE` points, so legend text stays ~8 px high on screen.
+MAX_WIDTH = 10.5
+LEGEND_FONTSIZE = 9
+
 
 def _np(x: Any):
     """A float64 numpy array from a tensor, list or number (bf16 has no numpy dtype)."""
@@ -43,7 +49,7 @@ def _finish(ax: Axes, xlabel: str, ylabel: str, title: str | None) -> Axes:
     """Axis labels, a small legend and the optional title that every scatter/line plot here ends with."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=LEGEND_FONTSIZE)
     if title:
         ax.set_title(title)
     return ax
@@ -64,13 +70,15 @@ def plot_matrix(
     symmetric: bool = True,
     annotate: bool | None = None,
     colorbar: bool = False,
+    fontsize: float = 11,
 ) -> Axes:
     """A heatmap of a small matrix with each value written in its cell.
 
     Why: quantization is easiest to follow on a matrix small enough to read every number, so the same
     cells can be compared across W, W/scale, round(W/scale) and the error. ``symmetric`` centres the colour
     map on zero (weights and errors have both signs). Values are annotated when the matrix has at most 16×16
-    entries, unless ``annotate`` says otherwise.
+    entries, unless ``annotate`` says otherwise, in ``fontsize`` points: 11 pt is about 11 px high in the inline
+    PNG (100 dpi), so it stays legible in JupyterLab as long as the figure is drawn at most ~10 inches wide.
     """
     a = _np(m)
     if a.ndim == 1:
@@ -84,7 +92,8 @@ def plot_matrix(
     if annotate:
         for (i, j), v in _ndenumerate(a):
             dark = symmetric and abs(v) > 0.6 * vmax
-            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8, color="white" if dark else "black")
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=fontsize,
+                    color="white" if dark else "black")
     if a.shape[1] <= 16:
         ax.set_xticks(range(a.shape[1]))
     if a.shape[0] <= 16:
@@ -105,29 +114,44 @@ def _ndenumerate(a):
 
 
 def plot_quantization_steps(weights: torch.Tensor, scales: torch.Tensor) -> Figure:
-    """Five heatmaps, left to right: W, W/scale, q = round(W/scale) (int8), q·scale, and the error W − q·scale.
+    """Five heatmaps in reading order: W, W/scale, q = round(W/scale) (int8), then q·scale and the error W − q·scale.
 
     Why: absmax quantization is three one-line steps (divide, round, multiply back); seeing them side by side
     shows where the error comes from — only the rounding step loses information. ``scales`` may be per-tensor,
     per-channel or per-group (anything `quant.expand_scales` accepts).
+
+    Layout: the three steps on top, the result and what it lost centred below, in a figure about 10 inches wide
+    — JupyterLab shows it at nearly its own size, so the numbers written in the cells stay legible (one row of
+    five panels had to be 16 inches wide and was shrunk to half size on screen). The error is written in units
+    of a power of ten (named in the panel's title) so that every cell needs only a few characters.
     """
     w = weights.detach().float()
     s = quant.expand_scales(scales.detach().float(), w.shape)
     q = quant.quantize(w, scales)
     w_hat = quant.dequantize(q, scales)
+    err = w - w_hat
+    exponent = math.floor(math.log10(float(err.abs().max()))) if bool((err != 0).any()) else 0
+    err_title = "error  W − q · scale" + (f"  (×$10^{{{exponent}}}$)" if exponent else "")
     panels = [
         (w, "W", "{:.2f}"),
         (w / torch.where(s == 0, torch.ones_like(s), s), "W / scale", "{:.1f}"),
         (q, "q = round(W / scale)  (int8)", "{:.0f}"),
         (w_hat, "dequantized  q · scale", "{:.2f}"),
-        (w - w_hat, "error  W − q · scale", "{:.3f}"),
+        (err / 10.0**exponent, err_title, "{:.1f}"),
     ]
-    fig, axes = plt.subplots(1, 5, figsize=(3.2 * 5, 0.45 * w.shape[0] + 1.6), layout="constrained")
+    rows, cols = (w.shape[0], w.shape[1]) if w.dim() == 2 else (1, w.numel())
+    fontsize = 10.5 if cols <= 6 else 8.5  # wider matrices have narrower cells
+    panel_height = 0.42 * rows + 0.9
+    fig = plt.figure(figsize=(MAX_WIDTH, 2 * panel_height + 0.3), layout="constrained")
+    grid = fig.add_gridspec(2, 6)
+    slots = [grid[0, 0:2], grid[0, 2:4], grid[0, 4:6], grid[1, 1:3], grid[1, 3:5]]  # 3 on top, 2 centred below
+    axes = [fig.add_subplot(slot) for slot in slots]
     for ax, (m, title, fmt) in zip(axes, panels):
-        plot_matrix(m, ax=ax, title=title, fmt=fmt)
+        plot_matrix(m, ax=ax, title=title, fmt=fmt, fontsize=fontsize)
         ax.set_ylabel("")
         ax.set_xlabel("")
-    axes[0].set_ylabel("output (row)")
+    for ax in (axes[0], axes[3]):
+        ax.set_ylabel("output (row)")
     return fig
 
 
@@ -150,7 +174,8 @@ def plot_scale_comparison(weights: torch.Tensor, group_size: int) -> Figure:
     smax = max(float(e.max()) for e in expanded.values()) or 1.0
     emax = max(float(e.max()) for e in errors.values()) or 1.0
     rows, cols = w.shape
-    fig, axes = plt.subplots(2, 3, figsize=(13, min(0.3 * rows, 4) * 2 + 2.2), layout="constrained", sharex=True)
+    fig, axes = plt.subplots(2, 3, figsize=(MAX_WIDTH, min(0.3 * rows, 4) * 2 + 2.2), layout="constrained",
+                             sharex=True)
     for col, name in enumerate(schemes):
         top, bottom = axes[0, col], axes[1, col]
         im_s = top.imshow(_np(expanded[name]), cmap="viridis", vmin=0, vmax=smax, aspect="auto")
@@ -238,7 +263,7 @@ def plot_int8_grid(
     ax.set_ylim(-0.1, 1.3)
     ax.set_yticks([])
     ax.set_xlabel("value")
-    ax.legend(loc="upper right", fontsize=8, ncols=3)
+    ax.legend(loc="upper right", fontsize=LEGEND_FONTSIZE, ncols=3)
     if title:
         ax.set_title(title)
     return ax
@@ -276,7 +301,7 @@ def plot_row_quantization(
         bottom.bar([x + offset for x in xs], _np(err), width=0.8 / n, color=color, label=name)
     if clip:
         for x in (w.abs() > clip).nonzero().ravel().tolist():
-            top.annotate(f"outlier {w[x].item():.3g}\n(off the chart)", (x, float(shown[x])), fontsize=8,
+            top.annotate(f"outlier {w[x].item():.3g}\n(off the chart)", (x, float(shown[x])), fontsize=9,
                          xytext=(8, -22 if w[x] > 0 else 8), textcoords="offset points")
         top.set_ylim(-1.15 * clip, 1.15 * clip)
     top.axhline(0, color="0.8", linewidth=0.8, zorder=0)
@@ -286,7 +311,7 @@ def plot_row_quantization(
     bottom.set_xlabel("input (column)")
     if len(w) <= 32:
         bottom.set_xticks(xs)
-    top.legend(fontsize=8, loc="best")
+    top.legend(fontsize=LEGEND_FONTSIZE, loc="best")
     if title:
         top.set_title(title)
     return fig
@@ -353,7 +378,7 @@ def plot_error_histogram(
     if log:
         ax.set_yscale("log")
     if len(arrays) > 1 or (bound is not None and uniform):
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=LEGEND_FONTSIZE)
     if title:
         ax.set_title(title)
     return ax
@@ -443,7 +468,7 @@ def plot_layer_errors(
     projections vs MLP, the first/last blocks, the LM head). ``rows`` are the dicts of
     `w8a16.analysis.layer_errors`; ``key`` picks the column (``rel_fro``, ``sqnr_db``, ``max_err_over_scale``…).
     """
-    ax = _axes(ax, (max(7.0, 0.12 * len(rows) + 3), 3.5))
+    ax = _axes(ax, (min(MAX_WIDTH, max(7.0, 0.12 * len(rows) + 3)), 3.5))
     kinds: dict[str, str] = {}
     for row in rows:
         kinds.setdefault(str(row["name"]).rsplit(".", 1)[-1], f"C{len(kinds)}")
@@ -459,7 +484,7 @@ def plot_layer_errors(
     else:
         ax.set_ylim(0, 1.2 * max([float(r[key]) for r in rows] + [0.0]) or 1.0)  # room for the legend
     handles = [Patch(color=color, label=kind) for kind, color in kinds.items()]
-    ax.legend(handles=handles, fontsize=8, ncols=min(len(kinds), 5), loc="upper left")
+    ax.legend(handles=handles, fontsize=LEGEND_FONTSIZE, ncols=min(len(kinds), 5), loc="upper left")
     if title:
         ax.set_title(title)
     return ax
