@@ -187,3 +187,64 @@ def test_model_half_after_quantizing_keeps_int8():
     model.to(torch.bfloat16)
     layer = model.transformer.h[0].attn.qkv_proj
     assert layer.int8_weights.dtype == torch.int8 and layer.scales.dtype == torch.bfloat16
+
+
+# --- what is not replaced is reported, never skipped silently -------------------------------------------------
+
+
+class Router(nn.Linear):
+    """A Linear subclass whose forward returns something else: swapping it for a plain layer would break the model."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits.softmax(-1), logits
+
+
+class PlainSubclass(nn.Linear):
+    pass
+
+
+class HandRolled(nn.Module):
+    """A Linear the quantizer cannot recognise: its own 2-D weight, used however it likes."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 16))
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+def test_unreplaceable_layers_are_kept_with_reasons_and_one_warning():
+    model = nn.ModuleDict({
+        "router": Router(16, 4), "plain": PlainSubclass(16, 8), "hand": HandRolled(), "rnn": nn.LSTM(16, 8),
+        "emb": nn.Embedding(10, 16),
+    })
+    with pytest.warns(UserWarning, match=r"kept 4 Linear-like weight\(s\).*router: Router overrides Linear\.forward"):
+        Quantizer(model, W8A16LinearLayer)
+    report = model.w8a16_report
+    assert report.replaced == ["plain"] and isinstance(model["router"], Router)
+    assert list(report.kept) == ["router", "hand", "rnn.weight_ih_l0", "rnn.weight_hh_l0"]  # the embedding is a table
+    assert "not a Linear the quantizer knows" in report.kept["hand"]
+    assert "fused recurrent kernel" in report.kept["rnn.weight_hh_l0"]
+
+
+def test_user_exclusion_wins_over_the_structural_reason():
+    model = nn.ModuleDict({"mha": nn.MultiheadAttention(16, 2)})
+    with pytest.warns(UserWarning, match="kept 1 Linear-like"):
+        Quantizer(model, W8A16LinearLayer, ["out_proj"])
+    assert model.w8a16_report.kept == {
+        "mha.in_proj_weight": model.w8a16_report.kept["mha.in_proj_weight"], "mha.out_proj": "excluded by 'out_proj'",
+    }
+
+
+def test_model_without_linear_layers_warns():
+    with pytest.warns(UserWarning, match="no nn.Linear or transformers Conv1D"):
+        Quantizer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), W8A16LinearLayer)
+
+
+def test_a_bare_linear_is_reported_not_replaced():
+    linear = nn.Linear(4, 4)
+    with pytest.warns(UserWarning, match="the model itself"):
+        assert Quantizer(linear, W8A16LinearLayer) is linear
+    assert list(linear.w8a16_report.kept) == [""]
