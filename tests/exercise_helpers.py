@@ -1,6 +1,6 @@
 """What every exercise-check test needs: a stub, and "this answer fails with that hint"."""
 
-from w8a16.exercises._core import FAILED
+from w8a16.course.exercises._core import FAILED
 
 
 def stub(*args):

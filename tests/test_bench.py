@@ -1,11 +1,12 @@
-"""w8a16.bench: rows have the documented columns, and the CLI's --quick mode runs (no timing assertions)."""
+"""w8a16.course.bench: rows have the documented columns, and the CLI's --quick mode runs (no timing assertions)."""
 
 import subprocess
 import sys
 
 import torch
 
-from w8a16 import bench, ops
+from w8a16 import ops
+from w8a16.course import bench
 
 
 def test_layer_rows_columns_and_paths():

@@ -1,7 +1,7 @@
 """The verdict machinery every exercise check uses."""
 
-from w8a16.exercises import Failed, exercise
-from w8a16.exercises._core import call
+from w8a16.course.exercises import Failed, exercise
+from w8a16.course.exercises._core import call
 
 
 @exercise("Double it", passed="correct on 3 inputs.")

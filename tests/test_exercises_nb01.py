@@ -4,8 +4,8 @@ import pytest
 import torch
 from exercise_helpers import fails_with, stub
 
-from w8a16.exercises import nb01
-from w8a16.exercises._core import NOT_ATTEMPTED, PASSED
+from w8a16.course.exercises import nb01
+from w8a16.course.exercises._core import NOT_ATTEMPTED, PASSED
 
 # ---------------------------------------------------------------------------------------- per-channel scales
 

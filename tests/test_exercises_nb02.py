@@ -7,8 +7,8 @@ import torch
 from exercise_helpers import fails_with, stub
 
 from w8a16 import quant
-from w8a16.exercises import nb02
-from w8a16.exercises._core import NOT_ATTEMPTED
+from w8a16.course.exercises import nb02
+from w8a16.course.exercises._core import NOT_ATTEMPTED
 
 
 def _error(w, scales=None, dtype=torch.float32):

@@ -7,7 +7,7 @@ from exercise_helpers import fails_with
 from torch import nn
 
 from w8a16 import W8A16LinearLayer, footprint_bytes
-from w8a16.exercises import nb03
+from w8a16.course.exercises import nb03
 
 
 def stub(*args, **kwargs):

@@ -6,7 +6,7 @@ from exercise_helpers import fails_with
 from torch import nn
 
 from w8a16 import Quantizer, W8A16LinearLayer, footprint_bytes
-from w8a16.exercises import nb04
+from w8a16.course.exercises import nb04
 
 
 def stub(*args, **kwargs):

@@ -6,8 +6,8 @@ import time
 import torch
 from exercise_helpers import fails_with
 
-from w8a16.exercises import nb05
-from w8a16.exercises._core import NOT_ATTEMPTED
+from w8a16.course.exercises import nb05
+from w8a16.course.exercises._core import NOT_ATTEMPTED
 
 
 def _timer(warmup=1, sync=True, reduce=statistics.median):

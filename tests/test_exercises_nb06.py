@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from w8a16.exercises import nb06
+from w8a16.course.exercises import nb06
 
 
 def _size(dtype: torch.dtype) -> int:

@@ -1,4 +1,4 @@
-"""w8a16.models: the real loaders are tried first; offline, an honest random-weight model of the same architecture."""
+"""w8a16.course.models: the real loaders are tried first; offline, an honest random-weight model of the same architecture."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from w8a16 import Quantizer, W8A16LinearLayer
-from w8a16 import models as M
+from w8a16.course import models as M
 
 transformers = pytest.importorskip("transformers")
 from transformers import CodeGenConfig, CodeGenForCausalLM, DetrConfig, DetrForObjectDetection  # noqa: E402

@@ -9,7 +9,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
-from w8a16 import plots, quant  # noqa: E402
+from w8a16 import quant
+from w8a16.course import plots  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

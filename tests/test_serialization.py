@@ -15,7 +15,7 @@ from transformers import CodeGenConfig, CodeGenForCausalLM, GPT2Config, GPT2LMHe
 
 import w8a16
 from w8a16 import QuantizedFormatError, W8A16LinearLayer, load_quantized, save_quantized
-from w8a16.models import shipped_config
+from w8a16.course.models import shipped_config
 from w8a16.io.serialization import (
     MANIFEST_FILE,
     NONPERSISTENT_PREFIX,

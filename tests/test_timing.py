@@ -1,10 +1,10 @@
-"""w8a16.timing: the fair timer (no timing assertions: only that it measures what it says)."""
+"""w8a16.course.timing: the fair timer (no timing assertions: only that it measures what it says)."""
 
 import time
 
 import pytest
 
-from w8a16 import timing
+from w8a16.course import timing
 
 
 def test_compare_alternates_and_counts():

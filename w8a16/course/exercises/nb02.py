@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .. import quant
+from ... import quant
 from ._core import Failed, call, exercise
 
 __all__ = ["check_max_error_over_scale", "check_expected_rms_error", "check_error_ratio"]

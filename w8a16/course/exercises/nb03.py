@@ -8,8 +8,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..layer import W8A16LinearLayer
-from ..quantizer import footprint_bytes, quantize_model
+from ...layer import W8A16LinearLayer
+from ...quantizer import footprint_bytes, quantize_model
 from ._core import Failed, NotAttempted, call, exercise
 
 # ---- small models to walk -----------------------------------------------------------------------------------------

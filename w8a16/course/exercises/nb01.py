@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import quant
+from ... import quant
 from ._core import Failed, call, exercise
 
 __all__ = ["check_per_channel_scales", "check_per_group_scales", "check_quantize_row"]

@@ -282,7 +282,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def shipped_config(name: str) -> dict:
     """The config dict shipped in ``w8a16/configs/<name>.json`` (without its ``_comment``)."""
-    text = resources.files("w8a16").joinpath("configs", f"{name}.json").read_text(encoding="utf-8")
+    text = resources.files("w8a16.course").joinpath("configs", f"{name}.json").read_text(encoding="utf-8")
     config = json.loads(text)
     config.pop("_comment", None)
     return config

@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import quant
+from .. import quant
 
 
 def layer_errors(model: nn.Module, names: Iterable[str] | None = None) -> list[dict]:

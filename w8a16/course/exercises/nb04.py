@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..quantizer import footprint_bytes, quantize_model
+from ...quantizer import footprint_bytes, quantize_model
 from ._core import Failed, call, exercise
 
 

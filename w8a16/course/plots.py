@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 
-from . import quant
+from .. import quant
 
 _SCHEME_COLORS = {"per-tensor": "tab:red", "per-channel": "tab:blue", "per-group": "tab:green"}
 

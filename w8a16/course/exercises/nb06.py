@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ..layer import W8A16LinearLayer
-from ..io.serialization import read_safetensors_header, save_quantized, WEIGHTS_FILE
+from ...layer import W8A16LinearLayer
+from ...io.serialization import read_safetensors_header, save_quantized, WEIGHTS_FILE
 from ._core import Failed, call, exercise
 
 __all__ = ["check_layer_bytes", "check_logits_identical", "layer_bytes", "logits_identical"]

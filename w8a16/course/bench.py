@@ -1,0 +1,373 @@
+"""Benchmark: dense ``nn.Linear`` vs the seed's naive W8A16 forward vs ours, one layer and a whole model.
+
+    python -m w8a16.bench            # full run (several minutes on a 2-core CPU: it compiles two models too)
+    python -m w8a16.bench --quick    # seconds: small shapes, a tiny model (for notebooks and tests)
+
+Everything is timed in one process with `w8a16.timing.compare` (warm-up, CUDA sync, alternated runs, medians),
+so ratios are fair even on a busy machine; absolute numbers are not. Each layer benchmark rotates through
+several copies of the weights whose int8 bytes alone exceed a CPU's last-level cache, so no candidate is timed
+on weights that are already cached (they would not be, in a real model). `layer_rows` and `decode_rows` return
+plain rows (lists of dicts) for notebooks to plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import inspect
+import os
+import platform
+import types
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..layer import W8A16LinearLayer
+from .models import build_random_codegen, shipped_config
+from ..quantizer import Quantizer
+from .timing import compare
+
+DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ROTATE_BYTES = 64 << 20  # int8 bytes of weights to rotate through: twice a 32 MiB L3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The machine
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """What the numbers were measured on."""
+    device = torch.device(device)
+    info = {
+        "cpu": cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    return info
+
+
+def gpu_note(device: torch.device | str) -> str:
+    """The plain statement every report carries about GPUs."""
+    if torch.device(device).type == "cuda":
+        return f"GPU measured: {torch.cuda.get_device_name(device)}"
+    if torch.cuda.is_available():
+        return "GPU present but not measured in this run (device=cpu)"
+    return "No GPU was measured: no CUDA device on this machine; all numbers are CPU numbers"
+
+
+def stream_read_gbps(device: torch.device | str = "cpu", mib: int = 256, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: the best median of two read-only kernels (``sum``, gemv) over ``mib`` MiB."""
+    device = torch.device(device)
+    big = torch.ones(mib << 18, device=device)  # fp32: mib MiB
+    vec = torch.ones(4096, device=device)
+    mat = big.view(-1, 4096)
+    res = compare({"sum": big.sum, "gemv": lambda: torch.mv(mat, vec)}, repeats=repeats, device=device)
+    return big.numel() * 4 / min(res.median_s.values()) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Candidates
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def seed_naive_linear(x: torch.Tensor, layer: W8A16LinearLayer) -> torch.Tensor:
+    """The seed's forward: cast int8 to x.dtype, matmul, *then* scale (overflows fp16; a full temporary)."""
+    out = F.linear(x, layer.int8_weights.to(x.dtype)) * layer.scales.to(x.dtype)
+    return out + layer.bias.to(x.dtype) if layer.bias is not None else out
+
+
+def third_party_status() -> dict[str, str]:
+    """Whether optimum-quanto and torchao are installed (they are compared when they are)."""
+    names = {"optimum-quanto": "optimum.quanto", "torchao": "torchao"}
+    status = {}
+    for label, module in names.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        status[label] = "installed" if found else "not installed"
+    return status
+
+
+def _third_party_layer(label: str, linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An int8-weight-only copy of ``linear`` made by a third-party library (raises if its API differs)."""
+    module = nn.Sequential(copy.deepcopy(linear))
+    if label == "optimum-quanto":
+        from optimum.quanto import freeze, qint8, quantize
+
+        quantize(module, weights=qint8)
+        freeze(module)
+    else:
+        from torchao.quantization import quantize_
+
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig as config
+        except ImportError:  # older torchao
+            from torchao.quantization import int8_weight_only as config
+        quantize_(module, config())
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One layer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def layer_rows(
+    dtypes: tuple[str, ...] = ("bf16", "fp32", "fp16"),
+    ms: tuple[int, ...] = (1, 16, 256),
+    shapes: tuple[tuple[int, int], ...] = ((4096, 4096),),
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+    rotate_bytes: int = ROTATE_BYTES,
+    stream_gbps: float | None = None,
+    third_party: bool = True,
+) -> list[dict]:
+    """One row per (shape, dtype, M, implementation): median ms, ratio vs dense, achieved weight bandwidth.
+
+    ``shapes`` are ``(in_features, out_features)``. Bandwidth counts the weight bytes each implementation must
+    read (dense: 2 or 4 bytes per weight; int8: 1 byte plus the scales); ``pct_stream`` compares it with
+    ``stream_gbps``, a measured read bandwidth.
+    """
+    device = torch.device(device)
+    status = third_party_status() if third_party else {}
+    rows = []
+    for n_in, n_out in shapes:
+        copies = max(2, -(-rotate_bytes // (n_in * n_out)))
+        for dname in dtypes:
+            dtype = DTYPE_NAMES[dname]
+            linears = [nn.Linear(n_in, n_out, dtype=dtype, device=device).eval() for _ in range(copies)]
+            layers = [W8A16LinearLayer.from_linear(lin) for lin in linears]
+            extra = {}
+            for label, state in status.items():
+                if state == "installed":
+                    try:
+                        extra[label] = [_third_party_layer(label, lin) for lin in linears]
+                    except Exception as err:  # a changed third-party API must not break the benchmark
+                        extra[label] = f"error: {type(err).__name__}: {err}"[:120]
+            for m in ms:
+                x = torch.randn(m, n_in, device=device).to(dtype)
+                turn = {"i": 0}
+
+                def rotating(fn, pool):
+                    def call():
+                        turn["i"] += 1
+                        return fn(pool[turn["i"] % len(pool)])
+                    return call
+
+                with torch.no_grad():
+                    cands = {
+                        "dense": rotating(lambda lin: lin(x), linears),
+                        "seed-naive": rotating(lambda q: seed_naive_linear(x, q), layers),
+                        "w8a16": rotating(lambda q: q(x), layers),
+                    }
+                    for label, mods in extra.items():
+                        if not isinstance(mods, str):
+                            cands[label] = rotating(lambda mod: mod(x), mods)
+                    res = compare(cands, repeats=repeats, warmup=1, device=device, min_time_s=0.2)
+                med = res.median_s
+                path = ops.choose_path(x, layers[0].int8_weights, layers[0].scales, layers[0].bias)
+                for impl, secs in med.items():
+                    dense_bytes = n_in * n_out * x.element_size()
+                    wbytes = dense_bytes if impl == "dense" else n_in * n_out + n_out * layers[0].scales.element_size()
+                    gbps = wbytes / secs / 1e9
+                    rows.append({
+                        "device": device.type, "dtype": dname, "in": n_in, "out": n_out, "M": m, "impl": impl,
+                        "path": path if impl == "w8a16" else "", "ms": secs * 1e3,
+                        "vs_dense": med["dense"] / secs, "weight_GBps": gbps,
+                        "pct_stream": 100 * gbps / stream_gbps if stream_gbps else float("nan"),
+                    })
+                for label, mods in extra.items():
+                    if isinstance(mods, str):
+                        rows.append({"device": device.type, "dtype": dname, "in": n_in, "out": n_out, "M": m,
+                                     "impl": label, "path": mods, "ms": float("nan"), "vs_dense": float("nan"),
+                                     "weight_GBps": float("nan"), "pct_stream": float("nan")})
+            del linears, layers, extra
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A whole model: greedy decode
+# ---------------------------------------------------------------------------------------------------------------
+
+CODEGEN_350M = shipped_config("codegen-350M-mono")  # the real model's architecture, as w8a16.models builds it
+CODEGEN_TINY = dict(CODEGEN_350M, n_layer=2, n_embd=128, n_head=4, rotary_dim=16, vocab_size=512, eos_token_id=2)
+
+
+def build_codegen(config: dict, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> nn.Module:
+    """A CodeGen model with ``config`` and seeded random weights (timing only: its outputs mean nothing)."""
+    from transformers import CodeGenConfig
+
+    return build_random_codegen(dtype, CodeGenConfig.from_dict(config)).to(device)
+
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """``new_tokens`` greedy steps with the KV cache: one token in, one logit row out, per step."""
+    # transformers ≥ 5.2x calls the KV cache ``cache``; older versions ``past_key_values``.
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(prompt, use_cache=True)
+    tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+    for _ in range(new_tokens - 1):
+        out = model(tokens[-1], use_cache=True, **{kw: getattr(out, kw)})
+        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1)
+
+
+class seed_naive_forward:  # noqa: N801 — used as a context manager, like torch.no_grad
+    """Within the block, every `W8A16LinearLayer` of ``model`` runs the seed's naive forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, W8A16LinearLayer)]
+
+    def __enter__(self) -> None:
+        for layer in self.layers:
+            layer.forward = types.MethodType(_naive_method, layer)
+
+    def __exit__(self, *exc: object) -> None:
+        for layer in self.layers:
+            del layer.forward
+
+
+def _naive_method(self: W8A16LinearLayer, x: torch.Tensor) -> torch.Tensor:
+    return seed_naive_linear(x, self)
+
+
+def decode_rows(
+    config: dict = CODEGEN_350M,
+    new_tokens: int = 16,
+    prompt_len: int = 8,
+    repeats: int = 3,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    naive: bool = True,
+    compiled: bool = False,
+) -> list[dict]:
+    """Greedy-decode tokens/s: dense model vs the same model after ``Quantizer(model, W8A16LinearLayer, ["lm_head"])``.
+
+    Random weights (timing only). ``naive=True`` also times the quantized model with the seed's forward.
+    ``compiled=True`` also times both models with ``torch.compile``d forwards — the fair comparison for anyone
+    who compiles, since compiling removes most of the per-token Python work from the dense model too; each
+    compiled model's ratio is against the compiled dense one.
+    """
+    device = torch.device(device)
+    dense = build_codegen(config, dtype, device)
+    quantized = Quantizer(copy.deepcopy(dense), W8A16LinearLayer, ["lm_head"])
+    prompt = torch.randint(0, config["vocab_size"], (1, prompt_len), device=device)
+
+    def naive_run():
+        with seed_naive_forward(quantized):
+            greedy_decode(quantized, prompt, new_tokens)
+
+    cands = {"dense": lambda: greedy_decode(dense, prompt, new_tokens),
+             "w8a16": lambda: greedy_decode(quantized, prompt, new_tokens)}
+    if naive:
+        cands["seed-naive"] = naive_run
+    res = compare(cands, repeats=repeats, warmup=1, device=device)
+    label = f"codegen({config['n_layer']} layers, n_embd={config['n_embd']}), random weights"
+
+    def rows(median_s: dict[str, float], models: dict[str, nn.Module], suffix: str = "") -> list[dict]:
+        base = median_s["dense"]
+        return [{"device": device.type, "model": label, "dtype": str(dtype).replace("torch.", ""), "impl": impl + suffix,
+                 "tokens_per_s": new_tokens / secs, "vs_dense": base / secs,
+                 "MB": sum(t.numel() * t.element_size() for t in [*models[impl].parameters(), *models[impl].buffers()]) / 1e6}
+                for impl, secs in median_s.items()]
+
+    models = {"dense": dense, "w8a16": quantized, "seed-naive": quantized}
+    out = rows(res.median_s, models)
+    if compiled:
+        compiled_models = {name: _compiled(copy.deepcopy(m)) for name, m in (("dense", dense), ("w8a16", quantized))}
+        cands = {name: (lambda m=m: greedy_decode(m, prompt, new_tokens)) for name, m in compiled_models.items()}
+        # Two warm-up runs: the prefill shape and the first decode shapes compile (dynamic shapes after that).
+        res = compare(cands, repeats=repeats, warmup=2, device=device)
+        out += rows(res.median_s, compiled_models, " (compiled)")
+    return out
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    """``model`` with its forward compiled by ``torch.compile`` (dynamic shapes: the KV cache grows every step)."""
+    model.forward = torch.compile(model.forward, dynamic=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """Rows as a fixed-width text table."""
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) and abs(v) < 1e4 else f"{v:,.0f}" if isinstance(v, float) else str(v)
+    body = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m w8a16.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes and a tiny model: seconds, for tests")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", default="bf16,fp32,fp16")
+    parser.add_argument("--ms", default=None, help="batch sizes M, comma separated")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--tokens", type=int, default=None, help="new tokens per decode")
+    parser.add_argument("--no-model", action="store_true", help="skip the whole-model decode")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile decode comparison")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtypes = tuple(args.dtypes.split(","))
+    if args.quick:
+        ms, shapes, repeats, rotate, config, tokens = (1, 64), ((256, 128),), 2, 1 << 16, CODEGEN_TINY, 3
+    else:
+        ms, repeats, rotate, config, tokens = (1, 16, 64, 256), 5, ROTATE_BYTES, CODEGEN_350M, 16
+        shapes = ((4096, 4096), (4096, 14336)) if device.type == "cuda" else ((4096, 4096),)
+    ms = tuple(int(m) for m in args.ms.split(",")) if args.ms else ms
+    repeats = args.repeats or repeats
+    tokens = args.tokens or tokens
+
+    info = machine_info(device)
+    print(f"machine: {info['cpu']} | {info['cpu_threads']} threads | {info['cpu_capability']} | "
+          f"torch {info['torch']} | device {info['device']}" + (f" ({info['gpu']})" if info["gpu"] else ""))
+    print(gpu_note(device))
+    print("third-party: " + ", ".join(f"{k} {v}" for k, v in third_party_status().items()))
+    stream = stream_read_gbps(device, mib=32 if args.quick else 256)
+    print(f"measured stream-read bandwidth: {stream:.1f} GB/s")
+    print("(medians of alternated runs in one process; on a shared machine compare the ratios, not the ms)\n")
+
+    rows = layer_rows(dtypes, ms, shapes, device, repeats, rotate, stream)
+    columns = ["dtype", "in", "out", "M", "impl", "path", "ms", "vs_dense", "weight_GBps", "pct_stream"]
+    print(format_table(rows, columns))
+    if not args.no_model:
+        print()
+        drows = decode_rows(config, new_tokens=tokens, repeats=2 if args.quick else 5, device=device,
+                            compiled=not (args.quick or args.no_compile))
+        print(format_table(drows, ["model", "dtype", "impl", "tokens_per_s", "vs_dense", "MB"]))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
