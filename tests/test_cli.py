@@ -113,3 +113,23 @@ def test_quantize_then_report(tmp_path: Path, pretrained: Path) -> None:
     line = next(row for row in report.stdout.splitlines() if row.startswith("transformer.h.0.mlp.fc_in"))
     assert "128x32" in line and f"{fc_in['error']['sqnr_db']:.1f}" in line
     assert "model.safetensors" in report.stdout and "lm_head" in report.stdout
+
+
+def test_quantize_a_gpt2_checkpoint_with_conv1d_layers(tmp_path: Path, capsys) -> None:
+    """GPT-2's Linear layers are transformers' Conv1D (weight stored (in, out)): quantized, reported and reloaded."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=96, n_positions=64)).save_pretrained(
+        tmp_path / "gpt2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied lm_head is kept, with a warning
+        assert main(["quantize", str(tmp_path / "gpt2"), "--out", str(tmp_path / "q"), "--no-measure"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.0.attn.c_attn" in out and "transformer.h.0.mlp.c_proj" in out
+    manifest = json.loads((tmp_path / "q" / "w8a16.json").read_text())
+    assert len(manifest["quantized"]) == 4 and all(layer["error"] for layer in manifest["quantized"])
+    c_attn = next(layer for layer in manifest["quantized"] if layer["name"] == "transformer.h.0.attn.c_attn")
+    assert (c_attn["in_features"], c_attn["out_features"]) == (32, 96)
+    loaded = w8a16.load_quantized(tmp_path / "q")
+    assert isinstance(loaded.transformer.h[0].attn.c_attn, w8a16.W8A16LinearLayer)

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from .. import quant
-from ..layer import W8A16LinearLayer
-from ..quantizer import QuantizationReport, footprint_bytes, quantize_model
+from ..layer import W8A16LinearLayer, linear_weight
+from ..quantizer import QuantizationReport, footprint_bytes, is_linear_like, quantize_model
 from .serialization import (
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -232,7 +232,7 @@ class _Tracked(W8A16LinearLayer):
     def from_linear(cls, linear: nn.Linear) -> W8A16LinearLayer:
         layer = W8A16LinearLayer.from_linear(linear)
         name = cls.names[id(linear)]
-        cls.stats[name] = quant.error_stats(linear.weight, layer.int8_weights, layer.scales)
+        cls.stats[name] = quant.error_stats(linear_weight(linear), layer.int8_weights, layer.scales)
         if cls.bar is not None:
             cls.bar.set_postfix_str(".".join(name.split(".")[-4:]), refresh=False)
             cls.bar.update(1)
@@ -245,12 +245,12 @@ def quantize_with_stats(
     """`quantize_model` with a tqdm bar over the layers, returning each layer's `ErrorStats` as well."""
     from tqdm.auto import tqdm
 
-    linears = {id(m): n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {id(m): n for n, m in model.named_modules() if is_linear_like(m)}
     tracked = type("Tracked", (_Tracked,), {"names": linears, "stats": {}, "bar": None})
     with tqdm(total=len(linears), desc="quantizing", unit="layer", disable=not progress) as bar:
         tracked.bar = bar
         report = quantize_model(model, tracked, list(exclude))
-        bar.update(len(report.kept))
+        bar.update(bar.total - bar.n)  # the kept ones
     return report, dict(tracked.stats)
 
 

@@ -44,9 +44,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layer import W8A16LinearLayer
+from ..layer import W8A16LinearLayer, linear_weight
 from ..quant import ErrorStats
-from ..quantizer import QuantizationReport, footprint_bytes
+from ..quantizer import QuantizationReport, footprint_bytes, is_linear_like
 
 FORMAT_NAME = "w8a16"
 FORMAT_VERSION = 1
@@ -198,17 +198,22 @@ def _quantized_layers(model: nn.Module, stats: Mapping[str, ErrorStats]) -> list
 
 def _kept_layers(model: nn.Module, report: QuantizationReport | None) -> dict[str, dict[str, Any]]:
     reasons = report.kept if report is not None else {}
-    return {
-        name: {
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-            "bias": m.bias is not None,
-            "dtype": _dtype_name(m.weight.dtype),
-            "why": reasons.get(name, "not quantized (reason not recorded)"),
-        }
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-    }
+    kept = {}
+    for name, m in model.named_modules():
+        if is_linear_like(m):
+            n_in, n_out, bias = _linear_shape(m)
+            why = reasons.get(name, "not quantized (reason not recorded)")
+            kept[name] = {"in_features": n_in, "out_features": n_out, "bias": bias,
+                          "dtype": _dtype_name(m.weight.dtype), "why": why}
+    return kept
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, has bias) of an nn.Linear, a transformers Conv1D or a W8A16LinearLayer."""
+    if isinstance(module, W8A16LinearLayer):
+        return module.in_features, module.out_features, module.bias is not None
+    n_out, n_in = linear_weight(module).shape
+    return n_in, n_out, module.bias is not None
 
 
 def _save_transformers_config(model: nn.Module, directory: Path) -> bool:
@@ -640,11 +645,11 @@ def _swap_in_shells(model: nn.Module, manifest: dict, directory: Path) -> None:
                 f"{directory / MANIFEST_FILE}: quantized layer {name!r} does not exist in the skeleton "
                 f"({type(model).__name__}); is it the same architecture and size?"
             ) from None
-        if not isinstance(old, (nn.Linear, W8A16LinearLayer)):
+        if not (is_linear_like(old) or isinstance(old, W8A16LinearLayer)):
             raise QuantizedFormatError(
                 f"{directory / MANIFEST_FILE}: {name!r} is a {type(old).__name__} in the skeleton, not a Linear"
             )
-        shape = (old.in_features, old.out_features, old.bias is not None)
+        shape = _linear_shape(old)
         if shape != (layer["in_features"], layer["out_features"], layer["bias"]):
             raise QuantizedFormatError(
                 f"{directory / MANIFEST_FILE}: {name!r} is ({layer['in_features']} -> {layer['out_features']}, "
