@@ -4,6 +4,7 @@ torch.compile(fullgraph), torch.export, autocast, autograd (LoRA, BitFit), copie
 import copy
 import gc
 import pickle
+import warnings
 import weakref
 
 import pytest
@@ -232,3 +233,20 @@ def test_del_bias_behaves_as_on_nn_linear():
         del module.bias
         with pytest.raises(AttributeError, match="bias"):
             module(x)
+
+
+def test_one_informational_warning_when_the_fast_cpu_kernel_is_missing(monkeypatch):
+    """Said once per process, with the reason; not at all when the user switched it off (W8A16_NATIVE=0)."""
+    monkeypatch.delenv("W8A16_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_state", {"lib": None, "error": "no C compiler on PATH (test)"})
+    monkeypatch.setattr(dispatch, "_announced", [])
+    w = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    x = torch.randn(1, 64)
+    with pytest.warns(RuntimeWarning, match=r"fast CPU kernel is not available \(no C compiler on PATH \(test\)\)"):
+        assert ops.choose_path(x, w, torch.rand(32)) == "tiled"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.choose_path(x, w, torch.rand(32))  # once only
+        monkeypatch.setattr(dispatch, "_announced", [])
+        monkeypatch.setenv("W8A16_NATIVE", "0")
+        ops.choose_path(x, w, torch.rand(32))  # switched off on purpose: nothing to say
