@@ -7,7 +7,7 @@
 
 Both loaders try ``from_pretrained`` first. When the Hugging Face hub cannot be reached (``HF_HUB_OFFLINE=1``,
 CI, an air-gapped machine) and the model is not in the local cache, they build the *same architecture* from a
-config shipped with this package (``w8a16/configs/*.json``, the real models' values) and fill it with seeded
+config shipped with this package (``w8a16/course/configs/*.json``, the real models' values) and fill it with seeded
 random weights. Shapes, parameter counts, footprints and timings are then real; the model's *outputs* are
 meaningless, and the loader prints a banner that says so. A random-weight model is never presented as the
 real one: check ``loaded.is_pretrained`` before interpreting an output.
@@ -170,7 +170,7 @@ def load_codegen(
 
     def fallback(reason: str) -> LoadedModel:
         model = build_random_codegen(dtype)
-        source = f"CodeGenForCausalLM from w8a16/configs/codegen-350M-mono.json, random N(0, 0.02²) weights, {_dtype_name(dtype)}"
+        source = f"CodeGenForCausalLM from w8a16/course/configs/codegen-350M-mono.json, random N(0, 0.02²) weights, {_dtype_name(dtype)}"
         return LoadedModel(model, model_id, False, source, reason=reason)
 
     return _load(model_id, pretrained, fallback, verbose)
@@ -200,7 +200,7 @@ def load_detr(
 
     def fallback(reason: str) -> LoadedModel:
         model = build_random_detr(dtype)
-        source = f"DetrForObjectDetection from w8a16/configs/detr-resnet-50.json, random weights (library init), {_dtype_name(dtype)}"
+        source = f"DetrForObjectDetection from w8a16/course/configs/detr-resnet-50.json, random weights (library init), {_dtype_name(dtype)}"
         return LoadedModel(model, model_id, False, source, reason=reason)
 
     return _load(model_id, pretrained, fallback, verbose)
@@ -281,7 +281,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def shipped_config(name: str) -> dict:
-    """The config dict shipped in ``w8a16/configs/<name>.json`` (without its ``_comment``)."""
+    """The config dict shipped in ``w8a16/course/configs/<name>.json`` (without its ``_comment``)."""
     text = resources.files("w8a16.course").joinpath("configs", f"{name}.json").read_text(encoding="utf-8")
     config = json.loads(text)
     config.pop("_comment", None)
