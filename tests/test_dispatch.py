@@ -292,10 +292,12 @@ def test_bad_arguments_raise(bad):
         w8a16_linear(args["x"], args["w"], args["scales"], args["bias"])
 
 
-def test_native_kernel_builds_here_and_is_chosen_for_decode():
+def test_native_kernel_builds_here_and_is_chosen_for_decode(monkeypatch):
     """This machine has a C compiler, so decode-sized calls must take the native path (or say why not)."""
     from w8a16.ops import native
 
+    monkeypatch.delenv("W8A16_NATIVE", raising=False)  # CI also runs the suite with it switched off
+    monkeypatch.setattr(native, "_state", {})
     assert native.library() is not None, native.unavailable_reason()
     w, s, b = make_args(4095, 33, torch.float32, "cpu")  # odd in_features: the C tail loop
     x = torch.randn(1, 4095)
@@ -321,6 +323,7 @@ def test_native_kernel_off_falls_back(monkeypatch):
 def test_native_build_failure_falls_back(monkeypatch, tmp_path):
     from w8a16.ops import native
 
+    monkeypatch.delenv("W8A16_NATIVE", raising=False)
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
@@ -334,6 +337,7 @@ def test_native_build_failure_falls_back(monkeypatch, tmp_path):
 def test_native_refuses_a_directory_others_can_write(monkeypatch, tmp_path):
     from w8a16.ops import native
 
+    monkeypatch.delenv("W8A16_NATIVE", raising=False)
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))
     shared = tmp_path / f"w8a16-native-{os.getuid()}"
