@@ -191,7 +191,7 @@ def test_copies_pickles_and_saves_work_as_before(tmp_path):
 
 def test_a_scalar_only_kernel_is_not_preferred(monkeypatch):
     """Where the C kernel could only be built as a scalar loop, PyTorch's kernels serve decode instead."""
-    monkeypatch.setattr(native, "simd", lambda: None, raising=False)
+    monkeypatch.setattr(native, "simd", lambda: None)
     w = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
     x = torch.randn(1, 64, dtype=torch.bfloat16)
     assert ops.choose_path(x, w, torch.rand(32, dtype=torch.bfloat16)) == "int8pack"

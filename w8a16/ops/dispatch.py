@@ -61,10 +61,7 @@ PACK_MAX_M = 16
 
 def native_vectorised() -> bool:
     """The C kernel is built here and runs a SIMD variant on this CPU (else PyTorch's kernels are faster)."""
-    if native.library() is None:
-        return False
-    simd = getattr(native, "simd", None)
-    return simd is None or simd() is not None
+    return native.simd() is not None  # None: not built, or only the scalar loop
 
 
 def native_supported(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tensor) -> bool:
@@ -201,12 +198,11 @@ def _announce_missing_native() -> None:
 
 def backend_info() -> dict[str, dict[str, object]]:
     """Which paths can run in this process and, for each that cannot, why. For bug reports and notebooks."""
-    native_info = native.info() if hasattr(native, "info") else {
-        "available": native.library() is not None, "reason": native.unavailable_reason()}
-    native_info = dict(native_info)
-    if native_info.get("available") and not native_vectorised():
+    native_info = native.info()
+    if native_info["available"] and native_info["simd"] is None:
         native_info["reason"] = "built, but only as a scalar loop on this CPU: PyTorch's kernels are used instead"
         native_info["available"] = False
+    has_pack = hasattr(torch, "_weight_int8pack_mm")
     has_triton = gpu.triton_installed()
     triton_on = os.environ.get("W8A16_TRITON", "1") != "0"
     cuda = torch.cuda.is_available()
@@ -214,8 +210,7 @@ def backend_info() -> dict[str, dict[str, object]]:
         "reference": {"available": True, "reason": None},
         "tiled": {"available": True, "reason": None},
         "native": native_info,
-        "int8pack": {"available": hasattr(torch, "_weight_int8pack_mm"),
-                     "reason": None if hasattr(torch, "_weight_int8pack_mm") else "this torch has no _weight_int8pack_mm"},
+        "int8pack": {"available": has_pack, "reason": None if has_pack else "this torch has no _weight_int8pack_mm"},
         "triton": {
             "available": has_triton and triton_on and cuda,
             "reason": None if has_triton and triton_on and cuda else
