@@ -232,7 +232,6 @@ DAMAGE = {
     "flipped-data-byte": (lambda d: edit_bytes(d / WEIGHTS_FILE, (d / WEIGHTS_FILE).stat().st_size - 7, b"\x5a"),
                           QuantizedFormatError, WEIGHTS_FILE, "CRC-32"),
     "missing-weights": (lambda d: (d / WEIGHTS_FILE).unlink(), FileNotFoundError, WEIGHTS_FILE, "missing"),
-    "missing-manifest": (lambda d: (d / MANIFEST_FILE).unlink(), FileNotFoundError, MANIFEST_FILE, "missing"),
     "missing-config": (lambda d: (d / "config.json").unlink(), FileNotFoundError, "config.json", "missing"),
     "manifest-not-json": (lambda d: (d / MANIFEST_FILE).write_text("{oops"), QuantizedFormatError, MANIFEST_FILE,
                           "not valid JSON"),
@@ -350,3 +349,24 @@ def test_memory_bound_codegen_350m_shape(tmp_path: Path) -> None:
     print(measured)
     assert measured["quantized_bytes"] == quantized_bytes
     assert measured["extra_bytes"] <= MEMORY_BOUND * quantized_bytes, measured
+
+
+def test_without_manifest_a_transformers_save_is_read_as_save_pretrained_wrote_it(tmp_path: Path) -> None:
+    """One format: save_quantized's config.json carries the quantization_config that save_pretrained writes, so a
+    directory that lost its manifest still loads (through from_pretrained), identical; a plain nn.Module cannot."""
+    model = quantized_codegen(torch.bfloat16)
+    save_quantized(model, tmp_path / "tf")
+    (tmp_path / "tf" / MANIFEST_FILE).unlink()
+    back = load_quantized(tmp_path / "tf")
+    assert back.config.quantization_config.modules == [n for n, m in model.named_modules()
+                                                        if isinstance(m, W8A16LinearLayer)]
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+    net = TinyNet()
+    with pytest.warns(UserWarning, match="tied"):
+        w8a16.Quantizer(net, W8A16LinearLayer)
+    save_quantized(net, tmp_path / "plain")
+    (tmp_path / "plain" / MANIFEST_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=MANIFEST_FILE):
+        load_quantized(tmp_path / "plain")

@@ -17,6 +17,9 @@ from .quant import (
 )
 from .quantizer import QuantizationReport, Quantizer, footprint_bytes, quantize_model
 from .io.serialization import QuantizedFormatError, load_quantized, save_quantized
+from .io import hf_hook
+
+hf_hook.install()  # "w8a16" becomes a transformers quantization method once transformers loads its quantizers
 
 __version__ = "0.1.0"
 
@@ -37,4 +40,13 @@ __all__ = [
     "error_stats",
     "ErrorStats",
     "backend_info",
+    "W8A16Config",
 ]
+
+
+def __getattr__(name: str):
+    if name == "W8A16Config":  # imports transformers' quantizer package (about a second): only when asked for
+        from .io.hf import W8A16Config
+
+        return W8A16Config
+    raise AttributeError(f"module 'w8a16' has no attribute {name!r}")

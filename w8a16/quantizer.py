@@ -89,6 +89,11 @@ _RNN = "a Parameter of nn.{cls}, multiplied by inside its fused recurrent kernel
 _UNKNOWN = "a {cls} with a 2-D weight, not a Linear the quantizer knows (nn.Linear, transformers' Conv1D)"
 
 
+# Called as hook(model, report, exclude, quantize_tied) after every walk: how an integration (transformers' config
+# in w8a16.io.hf) learns that a model now holds W8A16 layers, without this module importing it.
+after_quantize: list[Callable[[nn.Module, QuantizationReport, list[str], bool], None]] = []
+
+
 def is_linear_like(module: nn.Module) -> bool:
     """An `nn.Linear` (or subclass) or a transformers `Conv1D`: what `W8A16LinearLayer.from_linear` accepts."""
     conv1d = hf_conv1d()
@@ -197,6 +202,8 @@ def quantize_model(
             stacklevel=3,
         )
     report.bytes_after = footprint_bytes(model)
+    for hook in after_quantize:
+        hook(model, report, patterns, quantize_tied)
     return report
 
 

@@ -131,12 +131,17 @@ def _quantize(args: argparse.Namespace) -> int:
     _prepare_out(out, args.force)
     exclude = [p.strip() for item in args.exclude for p in item.split(",") if p.strip()]
 
+    from .hf import W8A16Config
+
+    # Quantized while loading, one tensor at a time (transformers reads the shards lazily): the peak is the
+    # quantized model plus about one float layer, so a checkpoint larger than memory quantizes too.
+    config = W8A16Config(exclude=exclude)
+    config.error_stats = {}  # filled while each float weight is still in memory; not written to config.json
     started = time.perf_counter()
-    model = load_pretrained(args.model, _DTYPES[args.dtype])
-    print(f"loaded {type(model).__name__} from {args.model} ({_mb(footprint_bytes(model))}, "
+    model = load_pretrained(args.model, _DTYPES[args.dtype], quantization_config=config)
+    print(f"loaded and quantized {type(model).__name__} from {args.model} ({_mb(footprint_bytes(model))}, "
           f"{time.perf_counter() - started:.1f} s)")
-    report, stats = quantize_with_stats(model, exclude)
-    save_quantized(model, out, report=report, error_stats=stats)
+    save_quantized(model, out, report=model.w8a16_report, error_stats=config.error_stats)
     del model
     gc.collect()
     print(format_report(out))
@@ -164,8 +169,10 @@ def _prepare_out(out: Path, force: bool) -> None:
         raise CliError(f"--out {out} cannot be written: {err.strerror or err}") from None
 
 
-def load_pretrained(source: str, dtype: Any = "auto") -> nn.Module:
+def load_pretrained(source: str, dtype: Any = "auto", quantization_config: Any = None) -> nn.Module:
     """A transformers model from a local directory, or from the hub when it is reachable — read as data.
+
+    With a ``quantization_config`` (`W8A16Config`), its layers are quantized while it loads.
 
     No code from the checkpoint runs: ``trust_remote_code=False`` everywhere (else transformers asks on the
     terminal, and runs the checkpoint's ``.py`` file on "y"), and only safetensors weights are read
@@ -184,8 +191,13 @@ def load_pretrained(source: str, dtype: Any = "auto") -> nn.Module:
             config = transformers.AutoConfig.from_pretrained(ref, trust_remote_code=False)
         name = config_architecture(config, where)
         cls = transformers_model_class(name, where) if name else transformers.AutoModelForCausalLM
-        model = cls.from_pretrained(ref, config=config, dtype=dtype, trust_remote_code=False, use_safetensors=True)
-    except QuantizedFormatError:
+        method = getattr(getattr(config, "quantization_config", None), "get", lambda _: None)("quant_method")
+        if quantization_config is not None and method is not None:
+            raise CliError(f"{source} is already quantized ({method}); pass the original model")
+        extra = {} if quantization_config is None else {"quantization_config": quantization_config}
+        model = cls.from_pretrained(ref, config=config, dtype=dtype, trust_remote_code=False, use_safetensors=True,
+                                    **extra)
+    except (QuantizedFormatError, CliError):
         raise  # it names the file already
     except Exception as err:  # a bad checkpoint raises anything: OSError, ValueError, SafetensorError...
         raise CliError(f"cannot load {source!r}: {_one_line(err)}") from None

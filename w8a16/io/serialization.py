@@ -222,6 +222,12 @@ def _save_transformers_config(model: nn.Module, directory: Path) -> bool:
         return False
     config = copy.deepcopy(config)
     config.architectures = [type(model).__name__]  # from_config() leaves it empty; load needs it
+    config.dtype = _main_dtype(model)  # what save_pretrained writes: from_pretrained loads in this dtype
+    if "transformers.quantizers.auto" in sys.modules:  # the quantization_config save_pretrained writes, so that
+        from .hf import describe  # from_pretrained(directory) rebuilds the W8A16 layers too: one format, two readers
+
+        describe(model)
+        config.quantization_config = model.config.quantization_config
     config.save_pretrained(directory)
     generation = getattr(model, "generation_config", None)
     if generation is not None and hasattr(generation, "save_pretrained"):
@@ -246,6 +252,8 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory (expected a save_quantized() output)")
+    if model is None and not (directory / MANIFEST_FILE).exists() and _saved_by_transformers(directory):
+        return _load_with_transformers(directory)
     manifest = read_manifest(directory)
     weights = directory / WEIGHTS_FILE
     header = read_safetensors_header(weights)
@@ -270,6 +278,27 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
     tensors = _read_tensors(weights, header, recorded["crc32"])
     _check_values(manifest, tensors, weights)
     _assign(model, manifest, tensors, plan)
+    return model.eval()
+
+
+def _saved_by_transformers(directory: Path) -> bool:
+    """A ``save_pretrained`` directory of a W8A16 model: config.json says ``"quant_method": "w8a16"``."""
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        return False
+    raw = read_json(path)
+    quantization = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "w8a16"
+
+
+def _load_with_transformers(directory: Path) -> nn.Module:
+    """``from_pretrained`` on a W8A16 ``save_pretrained`` directory, read as data (no code, no pickle)."""
+    config = load_transformers_config(directory)
+    cls = transformers_model_class(config_architecture(config, directory / CONFIG_FILE), directory / CONFIG_FILE)
+    model = _from_transformers(
+        lambda: cls.from_pretrained(directory, config=config, trust_remote_code=False, use_safetensors=True),
+        directory, "cannot be loaded as a W8A16 transformers model",
+    )
     return model.eval()
 
 
