@@ -296,3 +296,26 @@ def test_fp16_layers_take_the_general_native_path_without_a_prepared_copy():
     assert layer._prepared is None  # fp16 scales need converting for the C kernel: no prepared weights to reuse
     ref = x.double() @ layer.dequantized_weight(torch.float64).T + layer.bias.double()
     assert torch.allclose(out.double(), ref, rtol=5e-3, atol=5e-3 * float(ref.abs().max()))
+
+
+@native_only
+def test_weights_put_in_before_every_call_are_aligned_once_not_per_call(monkeypatch):
+    """accelerate's offload (device_map with disk or CPU offload) sets the int8 weight from storage before each
+    call, often 8-byte aligned. Copying it to aligned memory on every call would double the bytes moved."""
+    import w8a16.layer as layer_module
+
+    layer = decode_layer(torch.bfloat16)
+    x = torch.randn(1, 100, dtype=torch.bfloat16)
+    expected = layer(x)
+    copies = []
+    original_copy = layer_module.aligned_copy
+    monkeypatch.setattr(layer_module, "aligned_copy", lambda w: copies.append(1) or original_copy(w))
+    stored = layer.int8_weights.clone()
+    for _ in range(4):
+        raw = torch.empty(stored.numel() + 64, dtype=torch.int8)
+        offset = (8 - raw.data_ptr()) % 64  # an address 8 bytes past a 64-byte boundary, as an mmap slice can be
+        unaligned = raw[offset: offset + stored.numel()].view_as(stored)
+        assert not layer_module.is_aligned(unaligned)
+        layer.int8_weights = unaligned.copy_(stored)  # as accelerate's pre-forward hook does
+        assert torch.equal(layer(x), expected)
+    assert len(copies) <= 1

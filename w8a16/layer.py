@@ -165,10 +165,13 @@ class W8A16LinearLayer(nn.Module):
         w, s = self._buffers.get("int8_weights"), self._buffers.get("scales")
         if w is None or s is None or w.device.type != "cpu" or w.is_meta:
             return
-        if not is_aligned(w):
-            # Once, not per call: the fast kernels need a contiguous, 64-byte aligned weight, and tensors loaded
-            # from a safetensors file are often only 8-byte aligned. Same values, so state_dict agrees.
+        if not is_aligned(w) and not self.__dict__.get("_aligned_once"):
+            # Once, not per call: the fast kernels read a 64-byte aligned weight fastest, and tensors loaded from a
+            # safetensors file are often only 8-byte aligned. Same values, so state_dict agrees. Only once: a layer
+            # whose weights are put in again before every call (accelerate's offload under a device_map) would
+            # copy its weight per call, twice the bytes the kernel itself reads; it reads any alignment.
             self.int8_weights = w = aligned_copy(w)
+            self.__dict__["_aligned_once"] = True
         if "bias" in self._buffers and x.dtype in native.DTYPES and ops.dispatch.native_supported(x, w, s):
             try:
                 self.__dict__["_prepared"] = native.PreparedWeights(w, s, self._buffers["bias"])
