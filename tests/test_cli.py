@@ -133,3 +133,19 @@ def test_quantize_a_gpt2_checkpoint_with_conv1d_layers(tmp_path: Path, capsys) -
     assert (c_attn["in_features"], c_attn["out_features"]) == (32, 96)
     loaded = w8a16.load_quantized(tmp_path / "q")
     assert isinstance(loaded.transformer.h[0].attn.c_attn, w8a16.W8A16LinearLayer)
+
+
+def test_quantize_a_sharded_checkpoint_shard_by_shard(tmp_path: Path, pretrained: Path, capsys) -> None:
+    """A checkpoint in several shards (as large models are) quantizes while loading, to the same model."""
+    model = CodeGenForCausalLM.from_pretrained(pretrained, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 3
+    code = main(["quantize", str(tmp_path / "sharded"), "--exclude", "lm_head", "--out", str(tmp_path / "q"),
+                 "--dtype", "bfloat16", "--no-measure"])
+    assert code == 0, capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w8a16.Quantizer(model, w8a16.W8A16LinearLayer, ["lm_head"])
+    loaded = w8a16.load_quantized(tmp_path / "q")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
