@@ -363,3 +363,17 @@ def test_quantizing_codegen_350m_while_loading_peaks_near_the_quantized_size(tmp
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["layers"] == 80
     assert got["extra"] <= 1.3 * got["quantized"], got
+
+
+def test_dequantize_gives_float_linears_with_the_quantized_values(tmp_path: Path) -> None:
+    path = float_checkpoint(tmp_path, "gpt2", torch.float32)
+    model = load(path, "gpt2", quantization_config=W8A16Config())
+    expected = logits(model)
+    up = model.transformer.h[0].mlp.c_fc.dequantized_weight()
+    model.dequantize()
+    assert not w8a16_modules(model) and not hasattr(model.config, "quantization_config")
+    assert isinstance(model.transformer.h[0].mlp.c_fc, torch.nn.Linear)
+    assert torch.equal(model.transformer.h[0].mlp.c_fc.weight, up)
+    assert torch.allclose(logits(model), expected, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path / "float-again")  # a plain float model now
+    assert "quantization_config" not in json.loads((tmp_path / "float-again" / "config.json").read_text())

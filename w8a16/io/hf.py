@@ -264,6 +264,22 @@ class W8A16HfQuantizer(HfQuantizer):
         describe(model, self.quantization_config, self.report)
         return model
 
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """``model.dequantize()``: each W8A16 layer back to an `nn.Linear` holding ``int8 * scales`` (the
+        quantization error stays; the memory saving goes). transformers then drops the quantization_config."""
+        for name, layer in list(model.named_modules()):
+            if isinstance(layer, W8A16LinearLayer):
+                weight = layer.dequantized_weight(dtype)
+                linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                   device=weight.device, dtype=weight.dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(weight)
+                    if layer.bias is not None:
+                        linear.bias.copy_(layer.bias)
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        return model
+
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
         return True
 
