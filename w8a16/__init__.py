@@ -20,6 +20,16 @@ from .io.serialization import QuantizedFormatError, load_quantized, save_quantiz
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # export_onnx is imported on first use, so `import w8a16` never imports onnx or the ONNX exporter.
+    if name == "export_onnx":
+        from .io.onnx import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "W8A16LinearLayer",
     "Quantizer",
@@ -29,6 +39,7 @@ __all__ = [
     "save_quantized",
     "load_quantized",
     "QuantizedFormatError",
+    "export_onnx",
     "per_tensor_scale",
     "per_channel_scales",
     "per_group_scales",
