@@ -14,6 +14,7 @@ from .quant import (
     per_group_scales,
     per_tensor_scale,
     quantize,
+    quantize_dequantize,
 )
 from .quantizer import QuantizationReport, Quantizer, footprint_bytes, quantize_model
 from .io.serialization import QuantizedFormatError, load_quantized, save_quantized
@@ -44,6 +45,7 @@ __all__ = [
     "per_channel_scales",
     "per_group_scales",
     "quantize",
+    "quantize_dequantize",
     "dequantize",
     "error_stats",
     "ErrorStats",
