@@ -204,3 +204,28 @@ def test_target_class_with_the_seeds_from_linear_still_works():
     assert report.replaced == ["0"]
     with pytest.raises(TypeError):
         quantize_model(nn.Sequential(nn.Linear(8, 4)), SeedLayer, method="mse")
+
+
+# ------------------------------------------------------------------------------------ the notebook's helper
+
+
+@pytest.mark.parametrize("heavy_tailed", [False, True])
+def test_course_compare_calibration(heavy_tailed):
+    from w8a16.course.calibration import codegen_block_weights, compare_calibration, format_table, gain_db
+
+    weights = codegen_block_weights(rows=16, heavy_tailed=heavy_tailed)
+    assert {n: tuple(w.shape) for n, w in weights.items()} == {
+        "attn.qkv_proj": (16, 1024), "attn.out_proj": (16, 1024), "mlp.fc_in": (16, 1024), "mlp.fc_out": (16, 4096)}
+    assert abs(torch.cat([w.flatten() for w in weights.values()]).std().item() - 0.02) < 0.002  # the init std
+    rows = compare_calibration(weights, tokens=8)
+    assert len(rows) == 8 and len(format_table(rows).splitlines()) == 9
+    for bits in (8, 4):
+        for granularity in ("per-channel", "per-group (g=128)"):
+            assert gain_db(rows, bits, granularity) >= 0
+    w = weights["attn.out_proj"]
+    noise = (w - quant.quantize_dequantize(w, bits=4)).pow(2).sum() + sum(
+        (v - quant.quantize_dequantize(v, bits=4)).pow(2).sum() for k, v in weights.items() if k != "attn.out_proj")
+    signal = sum(v.pow(2).sum() for v in weights.values())
+    expected = 10 * torch.log10(signal / noise).item()
+    got = next(r.sqnr_db for r in rows if (r.bits, r.granularity, r.method) == (4, "per-channel", "absmax"))
+    assert got == pytest.approx(expected, abs=1e-3)
