@@ -79,7 +79,8 @@ class FakeQuantLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8,
-                 method: str = "absmax", device=None, dtype=None) -> None:
+                 method: str = "absmax", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         quant.q_max(bits)
         quant._check_method(method)
