@@ -14,6 +14,7 @@ from .quant import (
     per_group_scales,
     per_tensor_scale,
     quantize,
+    quantize_dequantize,
 )
 from .quantizer import QuantizationReport, Quantizer, footprint_bytes, quantize_model
 from .io.serialization import QuantizedFormatError, load_quantized, save_quantized
@@ -22,6 +23,16 @@ from .io import hf_hook
 hf_hook.install()  # "w8a16" becomes a transformers quantization method once transformers loads its quantizers
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # export_onnx is imported on first use, so `import w8a16` never imports onnx or the ONNX exporter.
+    if name == "export_onnx":
+        from .io.onnx import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "W8A16LinearLayer",
@@ -32,10 +43,12 @@ __all__ = [
     "save_quantized",
     "load_quantized",
     "QuantizedFormatError",
+    "export_onnx",
     "per_tensor_scale",
     "per_channel_scales",
     "per_group_scales",
     "quantize",
+    "quantize_dequantize",
     "dequantize",
     "error_stats",
     "ErrorStats",

@@ -80,8 +80,11 @@ class W8A16LinearLayer(nn.Module):
         self.register_buffer("bias", torch.randn(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module) -> "W8A16LinearLayer":
+    def from_linear(cls, linear: nn.Module, *, method: str = "absmax") -> "W8A16LinearLayer":
         """Quantize an `nn.Linear` or a transformers `Conv1D`, keeping its dtype (for scales and bias) and device.
+
+        ``method`` chooses the scales: ``"absmax"`` (the seed's) or ``"mse"`` (clipping searched per row, see
+        `quant`).
 
         `Conv1D` (GPT-2, GPT, ImageGPT...) is a Linear whose weight is stored transposed, ``(in, out)``, and
         computes ``x @ W + b``; it is transposed on the way in, so the layer computes the same function.
@@ -90,21 +93,28 @@ class W8A16LinearLayer(nn.Module):
         out_features, in_features = weight.shape
         # Built on meta: quantize() replaces every buffer, so random placeholders would be wasted work.
         layer = cls(in_features, out_features, bias=linear.bias is not None, dtype=weight.dtype, device="meta")
-        layer.quantize(weight)
+        layer.quantize(weight, method=method)
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
         return layer
 
     @torch.no_grad()
-    def quantize(self, weights: torch.Tensor) -> None:
+    def quantize(self, weights: torch.Tensor, *, method: str = "absmax") -> None:
         """Per-channel absmax: ``scales = |W|.max(dim=-1) / 127``, ``int8 = round(W / scales)``.
+
+        ``method="mse"`` instead picks each row's scale among clipped ones (``r · max|W| / 127``, r from 1 down
+        to 0.5) to minimise that row's squared error; values beyond the clip saturate at ±127. At 8 bits the
+        gain is small (notebook 08 measures it); it is here to compare, and for weights with outliers.
 
         The scale is first rounded to the layer's dtype and the int8 values are computed against that stored
         scale, so ``int8 * scales`` is the best dequantization the stored numbers allow. For fp32 weights this
         is bit-identical to the formula above.
         """
         quant.check_weights(weights, (self.out_features, self.in_features), finite=False)
-        scales = quant.per_channel_scales(weights)
+        if method != "absmax" and weights.is_meta:
+            quant.per_channel_scales(weights[:0], method=method)  # still reject an unknown method on meta
+            method = "absmax"  # no values to search: the scales' shape and dtype are all a meta layer has
+        scales = quant.per_channel_scales(weights, method=method)
         if not weights.is_meta and not torch.isfinite(scales).all():  # NaN/Inf somewhere: say where
             quant.check_weights(weights)
         scales = scales.to(self.scales.dtype)

@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 
 from torch import nn
 
+from . import quant
 from .layer import W8A16LinearLayer, hf_conv1d
 
 
@@ -135,6 +136,7 @@ def quantize_model(
     exclude: Iterable[str] = (),
     *,
     quantize_tied: bool = False,
+    method: str = "absmax",
 ) -> QuantizationReport:
     """Replace every Linear-like layer of ``model`` (not excluded) with ``target_class.from_linear(layer)``.
 
@@ -146,7 +148,12 @@ def quantize_model(
     A Linear whose weight is shared with another module (an lm_head tied to the input embeddings) is kept
     unless ``quantize_tied=True``: quantizing it would silently untie the pair and store the matrix twice.
     Running it again on a quantized model changes nothing.
+
+    ``method`` chooses each layer's scales: ``"absmax"`` (default, the seed's) or ``"mse"`` (per-row clipping
+    search, see `quant`); it is passed to ``from_linear`` only when it is not the default, so a ``target_class``
+    with the seed's one-argument ``from_linear`` keeps working.
     """
+    quant._check_method(method)
     if isinstance(exclude, str):
         exclude = [exclude]
     patterns = list(exclude)
@@ -188,7 +195,10 @@ def quantize_model(
             report.kept[name] = why
             continue
         try:
-            new = target_class.from_linear(module)
+            if method == "absmax":
+                new = target_class.from_linear(module)
+            else:
+                new = target_class.from_linear(module, method=method)
         except ValueError as err:
             raise ValueError(f"cannot quantize layer {name!r}: {err}") from err
         _set_submodule(model, name, new)
@@ -219,14 +229,15 @@ def Quantizer(  # noqa: N802 — the seed's name, kept so its examples run uncha
     module_name_to_exclude: Iterable[str] = (),
     *,
     quantize_tied: bool = False,
+    method: str = "absmax",
     report: Callable[[QuantizationReport], None] | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place and return it (the seed's call).
 
     The `QuantizationReport` is kept on the model as ``model.w8a16_report`` and, if ``report`` is given
-    (``report=print``), handed to it.
+    (``report=print``), handed to it. ``method`` is `quantize_model`'s.
     """
-    result = quantize_model(model, target_class, module_name_to_exclude, quantize_tied=quantize_tied)
+    result = quantize_model(model, target_class, module_name_to_exclude, quantize_tied=quantize_tied, method=method)
     model.w8a16_report = result
     if report is not None:
         report(result)
