@@ -25,15 +25,6 @@ hf_hook.install()  # "w8a16" becomes a transformers quantization method once tra
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # export_onnx is imported on first use, so `import w8a16` never imports onnx or the ONNX exporter.
-    if name == "export_onnx":
-        from .io.onnx import export_onnx
-
-        return export_onnx
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "W8A16LinearLayer",
     "Quantizer",
@@ -58,8 +49,14 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "W8A16Config":  # imports transformers' quantizer package (about a second): only when asked for
+    # Imported on first use, so that `import w8a16` imports neither onnx and the ONNX exporter (export_onnx) nor
+    # transformers' quantizer package (W8A16Config, about a second).
+    if name == "export_onnx":
+        from .io.onnx import export_onnx
+
+        return export_onnx
+    if name == "W8A16Config":
         from .io.hf import W8A16Config
 
         return W8A16Config
-    raise AttributeError(f"module 'w8a16' has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
