@@ -48,7 +48,7 @@ def test_per_channel_square_matrix_catches_wrong_dim():
 
 def test_per_channelstub_and_crash():
     assert nb01.check_per_channel_scales(stub, quiet=True).status == NOT_ATTEMPTED
-    assert nb01.check_per_channel_scales(lambda w: None, quiet=True).status == NOT_ATTEMPTED
+    fails_with(nb01.check_per_channel_scales, lambda w: None, "did you forget `return`?")
     fails_with(nb01.check_per_channel_scales, lambda w: w.nope(), "your function raised AttributeError")
 
 

@@ -268,5 +268,6 @@ def check_quantize_row(fn):
             )
         raise Failed(
             f"on {case} your codes differ from the reference. "
-            "Hint: torch.round(row / scale).clamp(-127, 127).to(torch.int8)."
+            "Hint: divide in fp32 (row.float() / scale.float()), round to the nearest integer, clamp to "
+            "[-127, 127], cast to int8."
         )
