@@ -20,9 +20,10 @@ from torch import nn
 
 from ...layer import W8A16LinearLayer
 from ...io.serialization import save_quantized, WEIGHTS_FILE
+from .quiz import Question, Quiz
 from ._core import Failed, call, exercise
 
-__all__ = ["check_logits_identical", "check_tensor_bytes", "logits_identical", "tensor_bytes"]
+__all__ = ["QUIZ", "check_logits_identical", "check_tensor_bytes", "logits_identical", "tensor_bytes"]
 
 
 # ----------------------------------------------------------------------------------------- references
@@ -197,3 +198,26 @@ def check_logits_identical(fn):
             f"on {case} you said {got}, but the answer is {want}. Run both models on ids, take .logits, "
             "and compare their dtypes and then their values with torch.equal."
         )
+
+
+# ------------------------------------------------------------------------------------------------- quiz
+
+QUIZ = Quiz("06", [
+    Question("Why save with safetensors rather than torch.save (pickle)?",
+             ("the files are smaller", "loading it runs no code: it is a JSON header and raw bytes",
+              "it is faster on GPUs"), "b",
+             "A pickle can execute arbitrary code when loaded; safetensors only describes tensors.",
+             {"a": "the tensor bytes are the same either way.", "c": "the format is not what makes a GPU faster."}),
+    Question("load_quantized builds the model on the meta device first. Why?",
+             ("meta tensors compute faster", "so that the full-precision weights are never allocated",
+              "meta is the only device that supports int8"), "b",
+             "Meta tensors have a shape and no data; the loaded int8 tensors are then assigned in their place.",
+             {"a": "meta tensors cannot compute at all: they have no data.",
+              "c": "int8 works on every device."}),
+    Question("Which check proves a save/load round trip is right?",
+             ("torch.allclose on the logits", "the same dtype and torch.equal on the logits",
+              "the same generated tokens"), "b",
+             "Nothing should change on the way, so demand bit-identical logits of the same dtype.",
+             {"a": "a tolerance hides a changed scale (exercise 2 shows one).",
+              "c": "tokens can agree while the logits differ; it is a weaker check."}),
+])
