@@ -25,8 +25,15 @@ def test_stub_is_not_attempted_and_does_not_raise(capsys):
         raise NotImplementedError
 
     assert check_double(stub).status == "not attempted"
-    assert check_double(lambda x: None).status == "not attempted"
     assert capsys.readouterr().out.startswith("○ Double it: not attempted yet")
+
+
+def test_returning_none_is_a_forgotten_return_not_a_stub():
+    def forgot(x):
+        y = 2 * x  # noqa: F841 — computed, never returned
+
+    verdict = check_double(forgot, quiet=True)
+    assert verdict.status == "failed" and "did you forget `return`?" in verdict.message
 
 
 def test_wrong_answer_gets_the_matching_hint():
@@ -46,3 +53,51 @@ def test_a_broken_check_does_not_stop_the_notebook():
         return {}["missing"]
 
     assert check_broken(lambda: 1, quiet=True).status == "failed"
+
+
+# ---- hints every check gets from `call` --------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from exercise_helpers import fails_with  # noqa: E402
+
+
+@exercise("Row maxima")
+def check_row_max(fn):
+    w = torch.tensor([[1.0, -3.0], [2.0, 0.5]])
+    got = call(fn, w)
+    if not torch.equal(got, w.abs().amax(-1)):
+        raise Failed("not the row maxima.")
+
+
+@exercise("RMS")
+def check_rms(fn):
+    s = torch.tensor([0.1, 0.2, 0.4])
+    got = call(fn, s)
+    if not torch.allclose(got, s / 12**0.5):
+        raise Failed("not s / √12.")
+
+
+@pytest.mark.parametrize(
+    "check, wrong, hint",
+    [
+        (check_row_max, lambda w: w.abs().max(dim=-1), "returns both the maxima and where they are"),
+        (check_row_max, lambda w: w.abs().max(dim=-1) / 1, "`.max(dim=...)` (and `.min(dim=...)`) returns a pair"),
+        (check_row_max, lambda w: w.abs().max(dim=-1).clamp(min=0), "use `.max(dim=...).values`"),
+        (check_rms, lambda s: math.sqrt(s**2 / 12), "use the torch version (torch.sqrt"),
+        (check_rms, lambda s: s / torch.sqrt(12), "was given a plain Python number"),
+    ],
+    ids=["returns-the-pair", "divides-the-pair", "calls-a-method-on-the-pair", "math-sqrt-on-a-tensor", "torch-sqrt-on-an-int"],
+)
+def test_common_api_mistakes_get_their_hint(check, wrong, hint):
+    fails_with(check, wrong, hint)
+
+
+def test_the_right_answers_pass():
+    assert check_row_max(lambda w: w.abs().amax(dim=-1), quiet=True)
+    assert check_row_max(lambda w: w.abs().max(dim=-1).values, quiet=True)
+    assert check_rms(lambda s: s / math.sqrt(12), quiet=True)
+    assert check_rms(lambda s: torch.sqrt(s**2 / 12), quiet=True)

@@ -48,7 +48,7 @@ def test_per_channel_square_matrix_catches_wrong_dim():
 
 def test_per_channelstub_and_crash():
     assert nb01.check_per_channel_scales(stub, quiet=True).status == NOT_ATTEMPTED
-    assert nb01.check_per_channel_scales(lambda w: None, quiet=True).status == NOT_ATTEMPTED
+    fails_with(nb01.check_per_channel_scales, lambda w: None, "did you forget `return`?")
     fails_with(nb01.check_per_channel_scales, lambda w: w.nope(), "your function raised AttributeError")
 
 
@@ -132,3 +132,52 @@ def test_quantize_row_zero_scale_nan():
 def test_quantize_rowstub_and_crash():
     assert nb01.check_quantize_row(stub, quiet=True).status == NOT_ATTEMPTED
     fails_with(nb01.check_quantize_row, lambda r, s: r @ s, "your function raised RuntimeError")
+
+
+# ------------------------------------------------------------------------------------ asymmetric (zero point)
+
+
+def test_asymmetric_reference_passes_and_round_trips():
+    assert nb01.check_asymmetric_params(nb01.asymmetric_params, quiet=True)
+    x = torch.relu(torch.randn(200))
+    scale, zp = nb01.asymmetric_params(x)
+    q = nb01.asymmetric_quantize(x, scale, zp)
+    assert q.dtype == torch.int8 and int(q.min()) == -128
+    assert nb01.asymmetric_dequantize(q, scale, zp)[x == 0].abs().max() == 0  # 0.0 comes back exactly
+    assert (nb01.asymmetric_dequantize(q, scale, zp) - x).abs().max() <= scale / 2 + 1e-7
+
+
+def _lo_hi(x):
+    return min(x.float().min().item(), 0.0), max(x.float().max().item(), 0.0)
+
+
+def _with_zp(zp_of):
+    def fn(x):
+        scale, _ = nb01.asymmetric_params(x)
+        lo, _ = _lo_hi(x)
+        return scale, zp_of(lo, scale.item())
+    return fn
+
+
+def _without_zero(x):
+    lo, hi = x.float().min().item(), x.float().max().item()
+    scale = (hi - lo) / 255
+    return scale, round(-128 - lo / scale)
+
+
+@pytest.mark.parametrize(
+    "wrong, hint",
+    [
+        (lambda x: ((_lo_hi(x)[1] - _lo_hi(x)[0]) / 256, 0), "divide by 255"),
+        (lambda x: (x.float().abs().max() / 127, 0), "that is the symmetric scale"),
+        (_without_zero, "your range leaves out 0"),
+        (_with_zp(lambda lo, s: -128 - lo / s), "not an integer: round it"),
+        (_with_zp(lambda lo, s: round(-128 + lo / s)), "wrong sign"),
+        (_with_zp(lambda lo, s: round(-lo / s)), "unsigned grid"),
+        (lambda x: nb01.asymmetric_params(x)[0], "return two values"),
+        (lambda x: None, "did you forget `return`?"),
+    ],
+    ids=["by-256", "symmetric", "range-without-zero", "float-zero-point", "sign", "unsigned", "one-value", "no-return"],
+)
+def test_asymmetric_typical_mistakes(wrong, hint):
+    fails_with(nb01.check_asymmetric_params, wrong, hint)

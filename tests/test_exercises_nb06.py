@@ -2,38 +2,47 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from w8a16.course.exercises import nb06
 
 
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def test_layer_bytes_reference_passes() -> None:
-    verdict = nb06.check_layer_bytes(nb06.layer_bytes, quiet=True)
+def test_tensor_bytes_reference_passes() -> None:
+    verdict = nb06.check_tensor_bytes(nb06.tensor_bytes, quiet=True)
     assert verdict, verdict
+
+
+def _reader(length_order="little", seek=lambda n, begin: 8 + n + begin, size=lambda begin, end: end - begin,
+            as_tensor=False):
+    def read(path, name):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), length_order)
+            header = json.loads(f.read(n))
+            begin, end = header[name]["data_offsets"]
+            f.seek(seek(n, begin))
+            data = f.read(size(begin, end))
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if as_tensor else data
+    return read
 
 
 @pytest.mark.parametrize(
     "wrong, hint",
     [
-        (lambda i, o, b, d: o * i * _size(d) + o * _size(d) * (2 if b else 1), "stored as int8, one byte each"),
-        (lambda i, o, b, d: o * i, "counted only the int8 weights"),
-        (lambda i, o, b, d: o * i + i * _size(d) * (2 if b else 1), "one scale per *output* row"),
-        (lambda i, o, b, d: o * i + o * 4 * (2 if b else 1), "4-byte scales"),
-        (lambda i, o, b, d: o * i + o * _size(d), "you forgot the bias"),
-        (lambda i, o, b, d: o * i + 2 * o * _size(d), "this layer has none"),
-        (lambda i, o, b, d: o * i + 1, "the file holds"),
-        (lambda i, o, b, d: "lots", "return a number of bytes"),
+        (_reader(length_order="big"), "little-endian unsigned integer"),
+        (_reader(seek=lambda n, begin: begin), "you read from the start of the file"),
+        (_reader(size=lambda begin, end: end), "both are positions"),
+        (_reader(seek=lambda n, begin: 8 + n + begin + 1), "the length is right but not the bytes"),
+        (_reader(as_tensor=True), "you returned a tensor"),
+        (lambda path, name: name, "return the raw bytes"),
+        (lambda path, name: None, "did you forget `return`?"),
     ],
-    ids=["weights-in-bf16", "no-scales", "scales-per-input", "fp32-scales", "no-bias", "always-bias", "generic",
-         "not-a-number"],
+    ids=["big-endian-length", "offsets-from-file-start", "end-as-length", "off-by-one", "tensor", "str", "no-return"],
 )
-def test_layer_bytes_wrong_answers_get_their_hint(wrong, hint: str) -> None:
-    verdict = nb06.check_layer_bytes(wrong, quiet=True)
+def test_tensor_bytes_wrong_answers_get_their_hint(wrong, hint: str) -> None:
+    verdict = nb06.check_tensor_bytes(wrong, quiet=True)
     assert verdict.status == "failed" and hint in verdict.message, verdict
 
 
@@ -75,7 +84,7 @@ def test_stubs_are_not_attempted() -> None:
     def stub(*args):
         raise NotImplementedError
 
-    assert nb06.check_layer_bytes(stub, quiet=True).status == "not attempted"
+    assert nb06.check_tensor_bytes(stub, quiet=True).status == "not attempted"
     assert nb06.check_logits_identical(stub, quiet=True).status == "not attempted"
 
 

@@ -41,12 +41,61 @@ class Verdict:
 
 
 def not_attempted(value: Any) -> bool:
-    """Stubs return None (or ``...``) or raise NotImplementedError; all of them mean 'not attempted'."""
-    return value is None or value is Ellipsis
+    """Only ``...`` returned on purpose still reads as a stub; ``None`` is a function that forgot ``return``."""
+    return value is Ellipsis
+
+
+FORGOT_RETURN = (
+    "your function returned None — did you forget `return`? A function that computes a value and does not "
+    "return it gives None to its caller."
+)
+
+# (what the error message says, the hint): crashes whose cause is almost always the same beginner's mistake.
+_CRASH_HINTS: list[tuple[tuple[str, ...], str]] = [
+    (
+        ("torch.return_types",),
+        "`.max(dim=...)` (and `.min(dim=...)`) returns a pair (values, indices), not a tensor: use "
+        "`.max(dim=...).values`, or `.amax(dim=...)`, which returns only the values.",
+    ),
+    (
+        ("only one element tensors can be converted", "cannot be converted to Scalar", "must be real number, not Tensor"),
+        "a function made for one Python number (math.sqrt, math.log, float(), …) was given a whole tensor: use "
+        "the torch version (torch.sqrt, torch.log, …), which works element by element.",
+    ),
+    (
+        ("argument 'input' (position 1) must be Tensor, not",),
+        "a torch function (torch.sqrt, torch.round, …) was given a plain Python number: wrap it with "
+        "torch.tensor(...), or use math.sqrt / ** 0.5 for a number.",
+    ),
+]
+
+
+def crash_hint(message: str) -> str:
+    """The hint for a crash message, or '' when it is not a known beginner's mistake."""
+    for needles, hint in _CRASH_HINTS:
+        if any(needle in message for needle in needles):
+            return " " + hint
+    return ""
+
+
+def returned_pair_hint(value: Any) -> str | None:
+    """The hint for returning ``w.max(dim=...)`` itself: a (values, indices) named tuple, not a tensor."""
+    if isinstance(value, tuple) and hasattr(value, "values") and hasattr(value, "indices"):
+        return (
+            f"your function returned a {type(value).__name__} (values, indices) pair: `.max(dim=...)` returns "
+            "both the maxima and where they are. Use `.max(dim=...).values`, or `.amax(dim=...)`, which "
+            "returns only the values."
+        )
+    return None
 
 
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call the learner's function; turn a stub into NotAttempted and a crash into a friendly Failed."""
+    """Call the learner's function; turn a stub into NotAttempted and a crash into a friendly Failed.
+
+    Only the untouched stub (it raises NotImplementedError) is "not attempted". ``None`` means the body ran
+    and forgot ``return``; a ``.max(dim=...)`` pair, a ``math.*`` call on a tensor and a ``torch.*`` call on a
+    number get a hint of their own, whatever the exercise.
+    """
     try:
         value = fn(*args, **kwargs)
     except NotImplementedError:
@@ -54,9 +103,14 @@ def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except (Failed, NotAttempted):
         raise
     except Exception as err:  # the learner's bug: report it in one line, no traceback
-        raise Failed(f"your function raised {type(err).__name__}: {err}") from None
+        raise Failed(f"your function raised {type(err).__name__}: {err}{crash_hint(str(err))}") from None
+    if value is None:
+        raise Failed(FORGOT_RETURN)
     if not_attempted(value):
         raise NotAttempted
+    pair = returned_pair_hint(value)
+    if pair:
+        raise Failed(pair)
     return value
 
 

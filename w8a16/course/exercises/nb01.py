@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 
 from ... import quant
+from .quiz import Question, Quiz
 from ._core import Failed, call, exercise
 
-__all__ = ["check_per_channel_scales", "check_per_group_scales", "check_quantize_row"]
+__all__ = ["QUIZ", "asymmetric_dequantize", "asymmetric_params", "asymmetric_quantize", "check_asymmetric_params",
+           "check_per_channel_scales", "check_per_group_scales", "check_quantize_row"]
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -268,5 +270,127 @@ def check_quantize_row(fn):
             )
         raise Failed(
             f"on {case} your codes differ from the reference. "
-            "Hint: torch.round(row / scale).clamp(-127, 127).to(torch.int8)."
+            "Hint: divide in fp32 (row.float() / scale.float()), round to the nearest integer, clamp to "
+            "[-127, 127], cast to int8."
         )
+
+
+# ----------------------------------------------------------------------------------------- exercise 4
+
+
+def asymmetric_params(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Reference: ``(scale, zero_point)`` of asymmetric int8 over [−128, 127] for the range of ``x``.
+
+    The range is widened to include 0 (so 0.0 gets a code of its own, exactly); ``scale = (hi − lo) / 255``
+    spreads the 256 codes over it, and the zero point is the (integer) code that stands for 0.0.
+    """
+    lo, hi = min(float(x.float().min()), 0.0), max(float(x.float().max()), 0.0)
+    scale = torch.tensor((hi - lo) / 255)
+    zero_point = int(min(max(round(-128 - lo / scale.item()), -128), 127)) if scale > 0 else 0
+    return scale, zero_point
+
+
+def asymmetric_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: int) -> torch.Tensor:
+    """Codes ``clamp(round(x / scale) + zero_point, −128, 127)`` as int8."""
+    return (torch.round(x.float() / scale) + zero_point).clamp(-128, 127).to(torch.int8)
+
+
+def asymmetric_dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: int) -> torch.Tensor:
+    """``(q − zero_point) · scale`` in fp32."""
+    return (q.float() - zero_point) * scale
+
+
+def _asym_cases() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(104)
+    relu = torch.relu(torch.randn(64, generator=g))
+    skewed = torch.rand(48, generator=g) * 2.1 - 0.1  # mostly positive: [-0.1, 2.0]
+    positive = torch.rand(32, generator=g) * 1.5 + 0.5  # [0.5, 2.0]: 0 is outside the data
+    bf16 = (torch.randn(40, generator=g) * 0.5 - 0.3).to(torch.bfloat16)
+    return [
+        ("64 post-ReLU activations (all ≥ 0)", relu),
+        ("a skewed row in [−0.1, 2.0]", skewed),
+        ("a row in [0.5, 2.0] (0 is not among the values)", positive),
+        ("a bf16 row centred at −0.3", bf16),
+    ]
+
+
+def _number(v: object, what: str) -> float:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise Failed(f"your {what} has {v.numel()} values; for one row return one number.")
+        return float(v.detach().float())
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    raise Failed(f"your {what} is a {type(v).__name__}; return a number.")
+
+
+@exercise("Asymmetric scale and zero point", passed="correct on 4 rows (post-ReLU, skewed, 0 outside the data, bf16).")
+def check_asymmetric_params(fn):
+    """``fn(x)`` -> ``(scale, zero_point)``: ``scale = (hi − lo) / 255`` over a range that includes 0, and
+    ``zero_point = round(−128 − lo / scale)``, an integer in [−128, 127]."""
+    for case, x in _asym_cases():
+        got = call(fn, x.clone())
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            raise Failed("return two values, a tuple (scale, zero_point).")
+        scale, zp = _number(got[0], "scale"), got[1]
+        ref_scale, ref_zp = asymmetric_params(x)
+        lo, hi = float(x.float().min()), float(x.float().max())
+        rs = ref_scale.item()
+        close = lambda a, b: abs(a - b) <= 1e-5 * abs(b) + 1e-12  # noqa: E731
+        if not close(scale, rs):
+            if close(scale, (max(hi, 0) - min(lo, 0)) / 256):
+                raise Failed(f"on {case} your scale is (max − min) / 256: 256 codes have 255 steps between them — divide by 255.")
+            if close(scale, max(abs(lo), abs(hi)) / 127):
+                raise Failed(
+                    f"on {case} that is the symmetric scale, max|x| / 127. Asymmetric spreads the codes over "
+                    "[min, max] only: (max − min) / 255."
+                )
+            if close(scale, (hi - lo) / 255):
+                raise Failed(
+                    f"on {case} your range leaves out 0: widen it to include 0 (lo = min(x.min(), 0), "
+                    "hi = max(x.max(), 0)), so that 0.0 — padding, a ReLU's zeros — gets an exact code."
+                )
+            raise Failed(f"on {case} expected scale {rs:.6g}, got {scale:.6g}: (max − min) / 255 over a range that includes 0.")
+        zp_value = _number(zp, "zero point")
+        if isinstance(zp, torch.Tensor) and zp.is_floating_point() or isinstance(zp, float):
+            if zp_value != round(zp_value) or zp_value != ref_zp:
+                raise Failed(
+                    f"on {case} your zero point is {zp_value:.6g}, not an integer: round it (it is a code), so that "
+                    "0.0 is represented exactly."
+                )
+        if zp_value == ref_zp:
+            continue
+        lo0 = min(lo, 0.0)
+        if zp_value == round(-128 + lo0 / rs) or zp_value == round(128 + lo0 / rs) or zp_value == -round(-128 - lo0 / rs):
+            raise Failed(
+                f"on {case} your zero point has the wrong sign somewhere: it is the code of 0.0, so that lo maps to "
+                "−128: zero_point = round(−128 − lo / scale)."
+            )
+        if zp_value == round(-lo0 / rs):
+            raise Failed(
+                f"on {case} that zero point is for an unsigned grid [0, 255]; on int8's [−128, 127] subtract 128: "
+                "round(−128 − lo / scale)."
+            )
+        raise Failed(f"on {case} expected zero point {ref_zp}, got {zp_value:g}: round(−128 − lo / scale), lo = min(x.min(), 0).")
+
+
+# ------------------------------------------------------------------------------------------------- quiz
+
+QUIZ = Quiz("01", [
+    Question("A row's largest |w| is 0.5. With symmetric int8 (absmax / 127), what is its scale?",
+             ("0.5 / 128", "0.5 / 127", "0.5 / 255"), "b",
+             "The largest magnitude lands on code 127, so scale = 0.5 / 127 and that weight comes back exactly.",
+             {"a": "the symmetric grid stops at ±127 (−128 is left out so that +w and −w get mirror codes).",
+              "c": "255 is the number of steps of an asymmetric grid over [min, max], not of the symmetric one."}),
+    Question("One weight of 1.0 sits in a matrix of weights around 0.02. Which scheme coarsens the fewest other weights?",
+             ("per-tensor", "per-channel", "per-group"), "c",
+             "Only the weights of the outlier's group share its large step; per-channel spreads it over the whole row.",
+             {"a": "per-tensor gives every weight of the matrix the outlier's step.",
+              "b": "per-channel confines it to one row — better, but the group is smaller still."}),
+    Question("Post-ReLU activations are all ≥ 0. How many of the symmetric int8 codes can they use?",
+             ("all 255", "about half: 0 … 127", "only one"), "b",
+             "Codes −127 … −1 stand for negative values that never occur; an asymmetric grid (a zero point) puts all "
+             "256 codes on [0, max].",
+             {"a": "the negative half of the grid is wasted on values that are never negative.",
+              "c": "they use every code from 0 to 127 — half the grid, not one code."}),
+])

@@ -13,9 +13,10 @@ import math
 import torch
 
 from ... import quant
+from .quiz import Question, Quiz
 from ._core import Failed, call, exercise
 
-__all__ = ["check_max_error_over_scale", "check_expected_rms_error", "check_error_ratio"]
+__all__ = ["QUIZ", "check_max_error_over_scale", "check_expected_rms_error", "check_error_ratio"]
 
 
 def _number(got: object, case: str) -> float:
@@ -223,3 +224,24 @@ def check_error_ratio(fn):
             f"on {case} expected {ref:.3g}, got {got:.3g}. Hint: for each scheme, Ŵ = dequantize(quantize(W, s), s); "
             "then (W − Ŵ).norm() for per-tensor divided by the same for per-channel."
         )
+
+
+# ------------------------------------------------------------------------------------------------- quiz
+
+QUIZ = Quiz("02", [
+    Question("Rounding to the nearest code moves a weight by at most…",
+             ("one step", "half a step", "step / √12"), "b",
+             "The nearest grid point is never more than halfway to the next one.",
+             {"a": "a whole step away there is a closer grid point (the one you started from).",
+              "c": "step/√12 is the RMS of the error, not its maximum."}),
+    Question("A row with step s has many weights spread over its range. Its RMS rounding error is about…",
+             ("s / 2", "s / √12", "s / 12"), "b",
+             "The error is spread evenly over [−s/2, s/2]; the variance of that is s²/12, the RMS its root.",
+             {"a": "s/2 is the largest error, not the typical one.",
+              "c": "s²/12 is the variance; the RMS is its square root, s/√12."}),
+    Question("An outlier doubles a row's absmax. What happens to the error of the row's other weights?",
+             ("nothing: they did not change", "it roughly doubles: the step doubled", "it halves"), "b",
+             "The step is absmax / 127 for the whole row, so every weight of the row is rounded twice as coarsely.",
+             {"a": "their values did not change, but the grid they are rounded to did.",
+              "c": "a larger absmax means a larger step, so a larger error."}),
+])

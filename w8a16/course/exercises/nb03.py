@@ -10,6 +10,7 @@ from torch import nn
 
 from ...layer import W8A16LinearLayer
 from ...quantizer import footprint_bytes, quantize_model
+from .quiz import Question, Quiz
 from ._core import Failed, NotAttempted, call, exercise
 
 # ---- small models to walk -----------------------------------------------------------------------------------------
@@ -209,3 +210,28 @@ def check_expected_footprint(fn: Callable[..., Any]) -> None:
             f"on {description}: you predicted {got:,} bytes, the quantized model takes {want:,}. Hint: start from the "
             "current footprint, and for each quantized Linear swap its bytes for 1 byte/weight + scales + bias."
         )
+
+
+# ------------------------------------------------------------------------------------------------- quiz
+
+QUIZ = Quiz("03", [
+    Question("Quantizing CodeGen's block Linears shrinks the model by less than half. Why?",
+             ("an int8 weight takes more than one byte", "the embedding and lm_head keep their bf16 bytes",
+              "the scales take as many bytes as the weights"), "b",
+             "Only the block Linears go from 2 bytes to 1 per weight; the embedding and lm_head are ~30 % of the "
+             "parameters and stay in bf16.",
+             {"a": "int8 is one byte per weight.",
+              "c": "one bf16 scale per output row of 1024+ weights is well under 1 % extra."}),
+    Question("After quantizing, one greedy-generated token changed. What does that tell you?",
+             ("the quantizer is broken", "at that step the top two logits were closer than the change the rounding "
+              "made", "the tokenizer changed"), "b",
+             "A small perturbation flips the argmax only where the race was already close; after that, the "
+             "continuation differs because it is conditioned on a different token.",
+             {"a": "a small relative logits error can still flip a close call; check the error, not one token.",
+              "c": "the tokenizer is not touched by the quantizer."}),
+    Question('What does Quantizer(model, W8A16LinearLayer, ["lm_head"]) do to lm_head?',
+             ("quantizes it like the others", "keeps it as an nn.Linear in its own dtype", "removes it"), "b",
+             "The list names the layers to keep; the report lists lm_head as kept, excluded by 'lm_head'.",
+             {"a": "the third argument is the exclusion list.",
+              "c": "nothing is removed: excluded layers stay as they are."}),
+])

@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from .quiz import Question, Quiz
 from ._core import Failed, call, exercise
 
-__all__ = ["check_fair_timer", "check_weight_gbps"]
+__all__ = ["QUIZ", "check_fair_timer", "check_weight_gbps"]
 
 WORK_S = 0.02  # the true cost of one call of every fake workload
 
@@ -112,3 +113,25 @@ def check_weight_gbps(weight_gbps: Callable[..., float]) -> None:
             raise Failed("you reported gigabits; count bytes, not bits.")
         raise Failed(f"for a {n_out}×{n_in} weight of {nbytes} byte(s) read in {secs:g} s you returned {got:.4g} GB/s; "
                      "bandwidth = bytes read / seconds / 1e9.")
+
+
+# ------------------------------------------------------------------------------------------------- quiz
+
+QUIZ = Quiz("05", [
+    Question("At batch size 1, W8A16 beats dense bf16 because…",
+             ("int8 multiplications are faster than bf16 ones", "it reads half the bytes, and M = 1 is memory-bound",
+              "it skips the bias"), "b",
+             "There is no int8 arithmetic: the codes become floats. The gain is the bytes read per token.",
+             {"a": "W8A16 never multiplies in int8; it dequantizes and multiplies in floating point.",
+              "c": "the bias is added as usual."}),
+    Question("A prefill batch of 256 rows on a GPU with bf16 tensor cores: how fast is W8A16 compared with dense bf16?",
+             ("about 2× faster", "no faster: the same multiplications, plus the dequantization", "4× faster"), "b",
+             "With many rows each weight is reused many times: the layer is compute-bound, and halving the bytes "
+             "does not help.",
+             {"a": "2× is the memory-bound limit, for small M.", "c": "no: 4× would need a quarter of the bytes and a memory-bound layer."}),
+    Question("Why time a warm-up call before the measured ones?",
+             ("the first call pays one-time costs (allocation, compilation, cold caches)",
+              "the processor needs to heat up", "to warm the int8 weights into bf16"), "a",
+             "A first call can be many times slower than later ones; it is not what a model in service pays.",
+             {"b": "heat slows a processor down if anything.", "c": "nothing is converted ahead of time by a warm-up."}),
+])

@@ -1,7 +1,8 @@
 """Checks for the exercises of notebook 06 (save and load).
 
-1. `check_layer_bytes`: the bytes a quantized layer takes in ``model.safetensors``, from its shape alone —
-   compared with the byte ranges of a file saved here by `w8a16.save_quantized`.
+1. `check_tensor_bytes`: find one tensor's raw bytes in a ``model.safetensors`` file by reading its header by
+   hand (8-byte little-endian length, JSON, offsets counted from the end of the header) — compared with the
+   tensors of a file saved here by `w8a16.save_quantized`.
 2. `check_logits_identical`: decide whether two models give *bit-identical* logits — tested on pairs that
    are identical, differ by one rounding step of one scale (allclose cannot see it), or differ only in dtype.
 """
@@ -9,27 +10,37 @@
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from ...layer import W8A16LinearLayer
-from ...io.serialization import read_safetensors_header, save_quantized, WEIGHTS_FILE
+from ...io.serialization import save_quantized, WEIGHTS_FILE
+from .quiz import Question, Quiz
 from ._core import Failed, call, exercise
 
-__all__ = ["check_layer_bytes", "check_logits_identical", "layer_bytes", "logits_identical"]
-
-_ITEMSIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+__all__ = ["QUIZ", "check_logits_identical", "check_tensor_bytes", "logits_identical", "tensor_bytes"]
 
 
 # ----------------------------------------------------------------------------------------- references
 
 
-def layer_bytes(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> int:
-    """Reference: one int8 byte per weight, plus one scale (and one bias) per output row in ``dtype``."""
-    return out_features * in_features + out_features * _ITEMSIZE[dtype] * (2 if bias else 1)
+def tensor_bytes(path: str | Path, name: str) -> bytes:
+    """Reference: the raw bytes of tensor ``name`` in the safetensors file at ``path``.
+
+    The file is: 8 bytes, the header's length N as a little-endian unsigned integer; N bytes of JSON mapping
+    each name to its dtype, shape and ``data_offsets`` [begin, end); then the data, where offsets start.
+    """
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        begin, end = header[name]["data_offsets"]
+        f.seek(8 + n + begin)
+        return f.read(end - begin)
 
 
 def logits_identical(model_a: nn.Module, model_b: nn.Module, ids: torch.Tensor) -> bool:
@@ -45,58 +56,74 @@ def logits_identical(model_a: nn.Module, model_b: nn.Module, ids: torch.Tensor) 
 
 # ----------------------------------------------------------------------------------------- exercise 1
 
-
-_LAYER_CASES = [  # (in, out, bias, dtype)
-    (256, 64, True, torch.bfloat16),  # first: here "4-byte scales" and "a bias too many" give different sums
-    (64, 192, False, torch.bfloat16),
-    (48, 48, True, torch.float32),
-    (40, 24, False, torch.float16),
-]
+_LENGTH_HINT = (
+    " The first 8 bytes are the header's length as a little-endian unsigned integer: "
+    "int.from_bytes(f.read(8), \"little\"); then read exactly that many bytes and json.loads them."
+)
 
 
-def _bytes_in_a_real_file(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> int:
-    """Save one quantized layer and add up its tensors' byte ranges in the safetensors header."""
-    layer = nn.Sequential(nn.Linear(in_features, out_features, bias=bias, dtype=dtype))
-    layer[0] = W8A16LinearLayer.from_linear(layer[0])
+def _saved_model(directory: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Two quantized layers (bf16 with bias, fp32 without) saved with `save_quantized`; their tensors by name."""
+    gen = torch.Generator().manual_seed(606)
+    model = nn.Sequential(nn.Linear(24, 16, dtype=torch.bfloat16), nn.Linear(16, 8, bias=False))
+    with torch.no_grad():
+        for lin in model:
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen))
+            if lin.bias is not None:
+                lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen))
+    model[0], model[1] = W8A16LinearLayer.from_linear(model[0]), W8A16LinearLayer.from_linear(model[1])
+    save_quantized(model, directory)
+    return Path(directory) / WEIGHTS_FILE, dict(model.state_dict())
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@exercise("A tensor's bytes in a safetensors file", passed="right for 4 tensors (int8 weights, bf16 scales and bias, fp32 scales).")
+def check_tensor_bytes(fn):
+    """``fn(path, name)`` -> the raw bytes of tensor ``name`` in the safetensors file at ``path``."""
     with tempfile.TemporaryDirectory() as directory:
-        save_quantized(layer, directory)
-        header = read_safetensors_header(f"{directory}/{WEIGHTS_FILE}")
-    return sum(end - begin for _, _, begin, end in header.values())
-
-
-@exercise("Bytes of a quantized layer", passed="matches the file for 4 layers (bias on/off, fp32/bf16/fp16).")
-def check_layer_bytes(fn):
-    """``fn(in_features, out_features, bias, dtype)`` -> bytes of int8 weights + scales (+ bias) on disk."""
-    for n_in, n_out, bias, dtype in _LAYER_CASES:
-        name = str(dtype).removeprefix("torch.")
-        case = f"a {n_in}→{n_out} layer, bias={bias}, {name}"
-        got = call(fn, n_in, n_out, bias, dtype)
-        if isinstance(got, torch.Tensor) and got.numel() == 1:
-            got = got.item()
-        if not isinstance(got, (int, float)) or isinstance(got, bool):
-            raise Failed(f"your function returned a {type(got).__name__}; return a number of bytes (an int).")
-        ref = _bytes_in_a_real_file(n_in, n_out, bias, dtype)
-        if got == ref:
-            continue
-        size = _ITEMSIZE[dtype]
-        weights = n_out * n_in
-        extras = n_out * size * (2 if bias else 1)
-        if got == weights * size + extras:
-            raise Failed(f"on {case} you counted the weights in {name}: they are stored as int8, one byte each.")
-        if got == weights:
-            raise Failed(f"on {case} you counted only the int8 weights: the scales (one per output row) are stored.")
-        if got == weights + n_in * size * (2 if bias else 1):
-            raise Failed(f"on {case} you used in_features for the scales: there is one scale per *output* row.")
-        if not bias and got == weights + 2 * n_out * size:
-            raise Failed(f"on {case} you counted a bias, but this layer has none (bias=False).")
-        if bias and got == weights + n_out * size:
-            raise Failed(f"on {case} you forgot the bias: it is stored in {name}, one value per output row.")
-        if got == weights + n_out * 4 * (2 if bias else 1):
-            raise Failed(f"on {case} you counted 4-byte scales: scales and bias are in the layer dtype ({name}).")
-        raise Failed(
-            f"on {case} you said {got} bytes, the file holds {ref}. Count: out×in int8 weights (1 byte), "
-            "out scales and, if bias, out biases (each in the layer dtype)."
-        )
+        path, tensors = _saved_model(directory)
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        for name in ("0.int8_weights", "0.scales", "0.bias", "1.scales"):
+            case = f"tensor {name!r} ({str(tensors[name].dtype).removeprefix('torch.')}, {tuple(tensors[name].shape)})"
+            try:
+                got = call(fn, path, name)
+            except Failed as err:
+                message = str(err)
+                if any(k in message for k in ("JSONDecodeError", "UnicodeDecodeError", "MemoryError", "OverflowError",
+                                              "Expecting value", "Extra data")):
+                    raise Failed(message + _LENGTH_HINT) from None
+                raise
+            if isinstance(got, (bytearray, memoryview)):
+                got = bytes(got)
+            if isinstance(got, torch.Tensor):
+                raise Failed("you returned a tensor; return the raw bytes as they are in the file (a bytes object).")
+            if not isinstance(got, bytes):
+                raise Failed(f"your function returned a {type(got).__name__}; return the raw bytes (f.read(...) gives bytes).")
+            want = _raw(tensors[name])
+            if got == want:
+                continue
+            begin, end = header[name]["data_offsets"]
+            if got == data[begin:end]:
+                raise Failed(
+                    f"on {case} you read from the start of the file: data_offsets count from the end of the "
+                    "header, so the tensor starts at 8 + header length + begin."
+                )
+            if got == data[8 + n + begin : 8 + n + end + begin] or got == data[8 + n + begin : 8 + n + begin + end]:
+                raise Failed(
+                    f"on {case} you read too many bytes: data_offsets is [begin, end) — both are positions, "
+                    "so the tensor is end - begin bytes long."
+                )
+            if len(got) == len(want):
+                raise Failed(f"on {case} the length is right but not the bytes: check where you seek to (8 + N + begin).")
+            raise Failed(
+                f"on {case} expected {len(want)} bytes, got {len(got)}. The file is 8 bytes of header length, the "
+                "JSON header, then the data; header[name]['data_offsets'] gives [begin, end) within the data."
+            )
 
 
 # ----------------------------------------------------------------------------------------- exercise 2
@@ -171,3 +198,26 @@ def check_logits_identical(fn):
             f"on {case} you said {got}, but the answer is {want}. Run both models on ids, take .logits, "
             "and compare their dtypes and then their values with torch.equal."
         )
+
+
+# ------------------------------------------------------------------------------------------------- quiz
+
+QUIZ = Quiz("06", [
+    Question("Why save with safetensors rather than torch.save (pickle)?",
+             ("the files are smaller", "loading it runs no code: it is a JSON header and raw bytes",
+              "it is faster on GPUs"), "b",
+             "A pickle can execute arbitrary code when loaded; safetensors only describes tensors.",
+             {"a": "the tensor bytes are the same either way.", "c": "the format is not what makes a GPU faster."}),
+    Question("load_quantized builds the model on the meta device first. Why?",
+             ("meta tensors compute faster", "so that the full-precision weights are never allocated",
+              "meta is the only device that supports int8"), "b",
+             "Meta tensors have a shape and no data; the loaded int8 tensors are then assigned in their place.",
+             {"a": "meta tensors cannot compute at all: they have no data.",
+              "c": "int8 works on every device."}),
+    Question("Which check proves a save/load round trip is right?",
+             ("torch.allclose on the logits", "the same dtype and torch.equal on the logits",
+              "the same generated tokens"), "b",
+             "Nothing should change on the way, so demand bit-identical logits of the same dtype.",
+             {"a": "a tolerance hides a changed scale (exercise 2 shows one).",
+              "c": "tokens can agree while the logits differ; it is a weaker check."}),
+])
