@@ -377,3 +377,25 @@ def test_dequantize_gives_float_linears_with_the_quantized_values(tmp_path: Path
     assert torch.allclose(logits(model), expected, atol=1e-5, rtol=1e-5)
     model.save_pretrained(tmp_path / "float-again")  # a plain float model now
     assert "quantization_config" not in json.loads((tmp_path / "float-again" / "config.json").read_text())
+
+
+def test_quantizing_one_model_leaves_a_model_sharing_its_config_float(tmp_path: Path) -> None:
+    """Notebooks build several models from one config object; Quantizer marks only the quantized one."""
+    config = _llama().config
+    quantized, twin = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    assert quantized.config is twin.config
+    Quantizer(quantized, W8A16LinearLayer, ["lm_head"])
+    assert quantized.config.quantization_config.modules and getattr(twin.config, "quantization_config", None) is None
+    assert quantized.model.config is quantized.config  # the base model follows the copy
+    twin.save_pretrained(tmp_path / "float")
+    assert "quantization_config" not in json.loads((tmp_path / "float" / "config.json").read_text())
+
+
+def test_a_float_checkpoint_with_a_w8a16_config_is_refused(tmp_path: Path) -> None:
+    path = float_checkpoint(tmp_path, "llama", torch.float32)
+    quantized = quantized_by_walker(path, "llama", torch.float32)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = quantized.config.quantization_config.to_dict()
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="the checkpoint has no model.layers.0.self_attn.q_proj.int8_weights"):
+        load(path, "llama")

@@ -303,6 +303,12 @@ def build_random_codegen(dtype: torch.dtype = torch.bfloat16, config: Any | None
     with no_init_weights():
         model = CodeGenForCausalLM._from_config(config, dtype=dtype)
     _fill_normal(model, std=getattr(config, "initializer_range", 0.02), seed=_FALLBACK_SEED)
+    # Non-persistent buffers (the rotary table) as from_pretrained computes them: in fp32, not under the bf16
+    # default dtype the model was built with, so that save_pretrained + from_pretrained gives back this model.
+    with torch.no_grad():
+        for module in model.modules():
+            if module._non_persistent_buffers_set:
+                model._init_weights(module)
     return model.eval()
 
 

@@ -30,6 +30,7 @@ step 2: the recorded modules become empty W8A16 layers before loading and their 
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Iterable
 
@@ -199,6 +200,7 @@ class W8A16HfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: W8A16Config, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.report: QuantizationReport | None = None  # the walk that chose the layers (when quantizing on load)
+        self.read: set[str] = set()  # the tensors read from a pre-quantized checkpoint
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
@@ -219,6 +221,7 @@ class W8A16HfQuantizer(HfQuantizer):
         """The dtype a checkpoint tensor is read in. transformers would cast a float tensor into an int8 buffer
         (truncating it) and leave an integer one where float scales belong: a damaged file must fail instead."""
         target = (getattr(converter, "target_patterns", None) or [""])[0]
+        self.read.add(target)
         stored = param.get_dtype() if hasattr(param, "get_dtype") else _SAFETENSORS_CODES.get(param.dtype, "?")
         if target.endswith(".int8_weights") and stored != "I8":
             raise ValueError(f"W8A16: {target} must be stored as int8 (I8), the checkpoint has {stored}")
@@ -257,11 +260,18 @@ class W8A16HfQuantizer(HfQuantizer):
         if left:
             raise ValueError(f"W8A16: the checkpoint has no weight for {len(left)} layer(s) to quantize, e.g. "
                              f"{left[0]!r}")
+        if self.pre_quantized:  # else transformers would leave uninitialised memory in the int8 buffers
+            for name in self.quantization_config.modules or []:
+                missing = [t for t in ("int8_weights", "scales") if f"{name}.{t}" not in self.read]
+                if missing:
+                    raise ValueError(f"W8A16: config.json lists {name!r} as a W8A16 layer, but the checkpoint has no "
+                                     f"{name}.{missing[0]} (a float checkpoint with another model's "
+                                     "quantization_config?)")
         for name, layer in model.named_modules():
             scales = getattr(layer, "scales", None) if isinstance(layer, W8A16LinearLayer) else None
             if scales is not None and not scales.is_meta and not torch.isfinite(scales).all():  # meta: offloaded
                 raise ValueError(f"W8A16: {name}.scales holds NaN or Inf (a damaged checkpoint?)")
-        describe(model, self.quantization_config, self.report)
+        describe(model, self.quantization_config, self.report, own_config=False)  # from_pretrained copied it
         return model
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -316,10 +326,24 @@ def _untie_quantized(model: nn.Module, quantized: set[str]) -> None:
     model.all_tied_weights_keys = {t: s for t, s in ties.items() if t not in untied}
 
 
-def describe(model: nn.Module, config: W8A16Config | None = None, report: QuantizationReport | None = None) -> None:
+def _own_config(model: nn.Module) -> None:
+    """Give the model a config of its own before changing it. One config object is often shared by several models
+    (``config = ...; a = Model(config); b = Model(config)``): quantizing one must not mark the others quantized."""
+    memo: dict[int, Any] = {}
+    copy.deepcopy(model.config, memo)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and isinstance(memo.get(id(config)), type(config)):
+            module.config = memo[id(config)]
+
+
+def describe(model: nn.Module, config: W8A16Config | None = None, report: QuantizationReport | None = None,
+             own_config: bool = True) -> None:
     """Record on a transformers model what holds W8A16 layers, so `save_pretrained` writes a config that
     `from_pretrained` rebuilds exactly: ``config.quantization_config`` and ``model.hf_quantizer``."""
     names = [n for n, m in model.named_modules() if isinstance(m, W8A16LinearLayer)]
+    if own_config:
+        _own_config(model)
     if config is None:
         config = getattr(model.config, "quantization_config", None)
         config = config if isinstance(config, W8A16Config) else W8A16Config()
@@ -346,7 +370,8 @@ def _after_quantizer(model: nn.Module, report: QuantizationReport, exclude: list
             warnings.warn(f"Quantizer: {type(model).__name__} already had a quantization_config of another method "
                           f"({getattr(old, 'quant_method', old)!r}); it is replaced by W8A16's", stacklevel=4)
             old = None
-        describe(model, old or W8A16Config(exclude=exclude, quantize_tied=quantize_tied))
+        describe(model, copy.deepcopy(old) if old is not None else W8A16Config(exclude=exclude,
+                                                                                quantize_tied=quantize_tied))
 
 
 def register() -> None:
