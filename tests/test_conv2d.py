@@ -19,7 +19,8 @@ CONFIGS = {
     "3x5-stride-pad": (4, 6, dict(kernel_size=(3, 5), stride=2, padding=(1, 2))),
     "dilated-same-reflect": (4, 6, dict(kernel_size=3, dilation=2, padding="same", padding_mode="reflect")),
     "groups-circular": (4, 6, dict(kernel_size=3, groups=2, padding=1, padding_mode="circular")),
-    "depthwise-replicate-nobias": (6, 6, dict(kernel_size=3, groups=6, padding=2, padding_mode="replicate", bias=False)),
+    "depthwise-replicate-nobias": (6, 6, dict(kernel_size=3, groups=6, padding=2, padding_mode="replicate",
+                                              bias=False)),
     "depthwise-multiplier": (3, 6, dict(kernel_size=(1, 3), groups=3, stride=(2, 1), padding="valid")),
     # 'same' with an even kernel pads one more pixel right/bottom: explicit padding must match nn.Conv2d's
     "even-kernel-same-reflect": (4, 4, dict(kernel_size=(2, 4), padding="same", padding_mode="reflect", bias=False)),

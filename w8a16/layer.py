@@ -141,7 +141,8 @@ class W8A16LinearLayer(nn.Module):
         """Why swapping this Linear-like module would change the model (its class has its own forward), or None."""
         base = nn.Linear if isinstance(module, nn.Linear) else hf_conv1d()
         if type(module).forward is not base.forward:  # e.g. a router returning (scores, logits), FalconLinear
-            return f"{type(module).__name__} overrides {base.__name__}.forward; a W8A16LinearLayer would drop what it adds"
+            return (f"{type(module).__name__} overrides {base.__name__}.forward; a W8A16LinearLayer would drop what "
+                    "it adds")
         return None
 
     @classmethod

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Protocol, Sequence, Union
 
 from torch import nn
 
-from .layer import W8A16Conv2d, W8A16LinearLayer, is_linear_like
+from .layer import W8A16Conv2d, W8A16LinearLayer, is_linear_like  # noqa: F401 (w8a16.io imports it from here)
 
 
 class QuantizedClass(Protocol):

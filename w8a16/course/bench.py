@@ -352,7 +352,8 @@ def detr_rows(
 
     res = compare({name: (lambda m=m: forward(m)) for name, m in models.items()}, repeats=repeats, warmup=1,
                   device=device)
-    label = f"detr-resnet-50{'' if config is None else ' (custom config)'}, {image_hw[0]}×{image_hw[1]}, random weights"
+    name = "detr-resnet-50" if config is None else "detr-resnet-50 (custom config)"
+    label = f"{name}, {image_hw[0]}×{image_hw[1]}, random weights"
     base = res.median_s["float"]
     return [{"device": device.type, "model": label, "dtype": "fp32", "impl": name, "ms": secs * 1e3,
              "vs_float": base / secs, "MB": footprint_bytes(models[name]) / 1e6}
