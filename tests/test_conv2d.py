@@ -186,6 +186,20 @@ def test_autocast_gives_nn_conv2d_output_dtype():
         assert layer(inputs(4)).dtype == make_conv("3x3")(inputs(4)).dtype
 
 
+def test_backward_through_two_layers_matches_the_float_twins():
+    """Inputs that require grad (a frozen quantized backbone under a trained head): gradients flow to x."""
+    a = W8A16Conv2d.from_conv2d(make_conv("groups-circular"))  # 4 → 6
+    b = W8A16Conv2d.from_conv2d(make_conv("depthwise-replicate-nobias"))  # 6 → 6
+    twin = nn.Sequential(float_twin(a, torch.float32), float_twin(b, torch.float32))
+    x = inputs(4).requires_grad_()
+    y = b(a(x))
+    y.square().sum().backward()
+    grad, x.grad = x.grad, None
+    twin(x).square().sum().backward()
+    assert torch.equal(y, twin(x)) and torch.allclose(grad, x.grad, rtol=1e-5, atol=1e-6)
+    assert a.int8_weights.grad is None and not a.scales.requires_grad
+
+
 # ---- state dicts -----------------------------------------------------------------------------------------------
 
 
