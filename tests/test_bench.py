@@ -39,7 +39,8 @@ def test_format_table():
 def test_cli_quick_runs():
     out = subprocess.run([sys.executable, "-m", "w8a16.bench", "--quick"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    for needle in ("machine:", "GPU", "stream-read", "seed-naive", "w8a16", "tokens_per_s", "random weights"):
+    for needle in ("machine:", "GPU", "stream-read", "seed-naive", "w8a16", "tokens_per_s", "random weights",
+                   "linear+conv2d", "vs_float"):
         assert needle in out.stdout
 
 
@@ -50,3 +51,11 @@ def test_decode_rows_compare_compiled_models_too():
     assert set(by_impl) == {"dense", "w8a16", "dense (compiled)", "w8a16 (compiled)"}
     assert by_impl["dense (compiled)"]["vs_dense"] == 1.0 and by_impl["w8a16 (compiled)"]["tokens_per_s"] > 0
     assert by_impl["w8a16 (compiled)"]["MB"] == by_impl["w8a16"]["MB"] < by_impl["dense"]["MB"]
+
+
+def test_detr_rows_compare_float_linear_only_and_linear_plus_conv2d():
+    rows = bench.detr_rows(bench.DETR_TINY, image_hw=(64, 80), repeats=1)
+    by_impl = {r["impl"]: r for r in rows}
+    assert list(by_impl) == ["float", "linear-only", "linear+conv2d"]
+    assert by_impl["float"]["vs_float"] == 1.0 and all(r["ms"] > 0 and r["dtype"] == "fp32" for r in rows)
+    assert by_impl["linear+conv2d"]["MB"] < by_impl["linear-only"]["MB"] < by_impl["float"]["MB"]

@@ -1,12 +1,13 @@
 """The model walker on toy models and on small same-architecture transformers models (offline)."""
 
+import copy
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from w8a16 import Quantizer, W8A16LinearLayer, footprint_bytes, quantize_model
+from w8a16 import Quantizer, W8A16Conv2d, W8A16LinearLayer, footprint_bytes, quantize_model
 
 
 class Block(nn.Module):
@@ -248,3 +249,131 @@ def test_a_bare_linear_is_reported_not_replaced():
     with pytest.warns(UserWarning, match="the model itself"):
         assert Quantizer(linear, W8A16LinearLayer) is linear
     assert list(linear.w8a16_report.kept) == [""]
+
+
+# --- several quantized classes: Linear and Conv2d ------------------------------------------------------------------
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.Conv2d(8, 8, 1)])
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x).relu()
+        return self.head(x.mean(dim=(-2, -1)))
+
+
+def test_seed_call_leaves_conv2d_alone_and_does_not_report_it():
+    model = ConvNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Conv2d is not "kept" noise in a Linear-only run
+        Quantizer(model, W8A16LinearLayer)
+    report = model.w8a16_report
+    assert report.replaced == ["head"] and report.kept == {}
+    assert report.replaced_by_kind == {"Linear": 1}
+    assert str(report).startswith("replaced 1 Linear layer(s), kept 0")  # the seed's wording, unchanged
+    assert len(linear_names(model, nn.Conv2d)) == 3
+
+
+def test_linear_and_conv2d_together_counts_each_kind():
+    model = ConvNet()
+    x = torch.randn(2, 3, 10, 10)
+    ref = model(x)
+    report = quantize_model(model, [W8A16LinearLayer, W8A16Conv2d])
+    assert report.replaced_by_kind == {"Linear": 1, "Conv2d": 3} and report.kept == {}
+    assert str(report).startswith("replaced 1 Linear + 3 Conv2d layer(s), kept 0")
+    assert linear_names(model, nn.Conv2d) == [] and len(linear_names(model, W8A16Conv2d)) == 3
+    assert (model(x) - ref).norm() / ref.norm() < 0.02
+    # a Conv2d-only pass says so
+    conv_only = quantize_model(ConvNet(), W8A16Conv2d)  # the Linear is none of its business: not "kept"
+    assert str(conv_only).startswith("replaced 3 Conv2d layer(s), kept 0")
+
+
+def test_linear_first_then_conv2d_then_again_is_harmless():
+    model = Quantizer(ConvNet(), W8A16LinearLayer)
+    report = quantize_model(model, (W8A16LinearLayer, W8A16Conv2d))
+    assert report.replaced_by_kind == {"Linear": 0, "Conv2d": 3}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exclusions that match quantized layers do not warn either
+        again = quantize_model(model, [W8A16LinearLayer, W8A16Conv2d], ["stem"])
+    assert again.replaced == [] and again.kept == {}
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_exclusions_apply_to_conv2d():
+    model = ConvNet()
+    report = quantize_model(model, [W8A16LinearLayer, W8A16Conv2d], ["stem", "blocks.*"])
+    assert report.kept == {"stem": "excluded by 'stem'", "blocks.0": "excluded by 'blocks.*'",
+                           "blocks.1": "excluded by 'blocks.*'"}
+    assert report.replaced == ["head"]
+    with pytest.warns(UserWarning, match="'nope' matches no Linear or Conv2d layer"):
+        quantize_model(ConvNet(), [W8A16LinearLayer, W8A16Conv2d], ["nope"])
+
+
+class StandardisedConv(nn.Conv2d):
+    """Weight standardisation in _conv_forward: a plain W8A16Conv2d would skip it."""
+
+    def _conv_forward(self, x, weight, bias):
+        weight = (weight - weight.mean(dim=(1, 2, 3), keepdim=True)) / (weight.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return super()._conv_forward(x, weight, bias)
+
+
+class ConvWithActivation(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x).relu()
+
+
+class PlainConvSubclass(nn.Conv2d):
+    pass
+
+
+def test_conv2d_that_cannot_be_replaced_are_kept_with_reasons_and_one_warning():
+    model = nn.ModuleDict({
+        "std": StandardisedConv(3, 4, 3), "act": ConvWithActivation(3, 4, 3), "plain": PlainConvSubclass(3, 4, 3),
+        "c1d": nn.Conv1d(3, 4, 3), "up": nn.ConvTranspose2d(4, 3, 2),
+    })
+    with pytest.warns(UserWarning, match=r"kept 4 weight\(s\) in full precision.*std: StandardisedConv overrides "
+                                         r"Conv2d\._conv_forward"):
+        Quantizer(model, [W8A16LinearLayer, W8A16Conv2d])
+    report = model.w8a16_report
+    assert report.replaced == ["plain"] and isinstance(model["plain"], W8A16Conv2d)
+    assert list(report.kept) == ["std", "act", "c1d", "up"]
+    assert "overrides Conv2d.forward" in report.kept["act"]
+    assert "not an nn.Conv2d" in report.kept["c1d"] and "ConvTranspose2d" in report.kept["up"]
+    # the same model, Linear only: the convolutions are none of the quantizer's business
+    with pytest.warns(UserWarning, match="no nn.Linear or transformers Conv1D"):
+        assert quantize_model(copy.deepcopy(model), W8A16LinearLayer).kept == {}
+
+
+def test_a_bare_conv2d_is_reported_not_replaced():
+    conv = nn.Conv2d(3, 4, 3)
+    with pytest.warns(UserWarning, match=r"the model itself.*W8A16Conv2d\.from_float"):
+        assert Quantizer(conv, [W8A16LinearLayer, W8A16Conv2d]) is conv
+
+
+def test_nan_in_a_conv_names_the_layer():
+    model = ConvNet()
+    with torch.no_grad():
+        model.blocks[1].weight[2, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"layer 'blocks\.1'.*W8A16Conv2d\(8→8, 1×1\).*Inf at row 2"):
+        Quantizer(model, [W8A16LinearLayer, W8A16Conv2d])
+
+
+def test_tiny_detr_linear_and_conv2d_outputs_close():
+    model = tiny_detr()
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(pixel_values=pixels)
+    Quantizer(model, [W8A16LinearLayer, W8A16Conv2d])
+    assert linear_names(model) == [] and linear_names(model, nn.Conv2d) == []
+    assert model.w8a16_report.kept == {}
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+    assert (out.logits - ref.logits).norm() / ref.logits.norm() < 0.05
+    assert (out.pred_boxes - ref.pred_boxes).abs().max() < 0.02

@@ -2,9 +2,10 @@
 
     from w8a16 import W8A16LinearLayer, Quantizer
     model = Quantizer(model, W8A16LinearLayer, ["lm_head"])
+    model = Quantizer(model, [W8A16LinearLayer, W8A16Conv2d])      # convolutions too (a vision model)
 """
 
-from .layer import W8A16LinearLayer
+from .layer import W8A16Conv2d, W8A16LinearLayer
 from .ops import backend_info
 from .quant import (
     ErrorStats,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "W8A16LinearLayer",
+    "W8A16Conv2d",
     "Quantizer",
     "quantize_model",
     "QuantizationReport",

@@ -1,4 +1,4 @@
-"""Benchmark: dense ``nn.Linear`` vs the seed's naive W8A16 forward vs ours, one layer and a whole model.
+"""Benchmark: dense ``nn.Linear`` vs the seed's naive W8A16 forward vs ours, one layer and whole models.
 
     python -m w8a16.bench            # full run (several minutes on a 2-core CPU: it compiles two models too)
     python -m w8a16.bench --quick    # seconds: small shapes, a tiny model (for notebooks and tests)
@@ -7,7 +7,8 @@ Everything is timed in one process with `w8a16.timing.compare` (warm-up, CUDA sy
 so ratios are fair even on a busy machine; absolute numbers are not. Each layer benchmark rotates through
 several copies of the weights whose int8 bytes alone exceed a CPU's last-level cache, so no candidate is timed
 on weights that are already cached (they would not be, in a real model). `layer_rows` and `decode_rows` return
-plain rows (lists of dicts) for notebooks to plot.
+plain rows (lists of dicts) for notebooks to plot; `detr_rows` compares a DETR-ResNet-50 forward before and after
+quantizing every Linear and Conv2d.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..layer import W8A16LinearLayer
-from .models import build_random_codegen, shipped_config
-from ..quantizer import Quantizer
+from ..layer import W8A16Conv2d, W8A16LinearLayer
+from .models import build_random_codegen, build_random_detr, shipped_config
+from ..quantizer import Quantizer, footprint_bytes
 from .timing import compare
 
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -311,6 +312,55 @@ def _compiled(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# A vision model: DETR-ResNet-50, one forward
+# ---------------------------------------------------------------------------------------------------------------
+
+DETR_TINY = dict(
+    shipped_config("detr-resnet-50"), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+    decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10,
+    backbone_config=dict(shipped_config("detr-resnet-50")["backbone_config"], embedding_size=16,
+                         hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1]),
+)
+
+
+def detr_rows(
+    config: dict | None = None,
+    image_hw: tuple[int, int] = (480, 640),
+    repeats: int = 5,
+    device: torch.device | str = "cpu",
+) -> list[dict]:
+    """One fp32 DETR forward: the float model vs every Linear quantized vs every Linear and Conv2d quantized.
+
+    Random weights (timing only), built from the shipped config (``config`` overrides it). Activations stay
+    fp32 (W8A32): DETR is published in fp32, and on a CPU that is how it runs. A W8A16Conv2d dequantizes its
+    filters on every call, so this measures whether that costs anything next to the convolutions themselves.
+    """
+    from transformers import DetrConfig
+
+    device = torch.device(device)
+    float_model = build_random_detr(torch.float32, DetrConfig.from_dict(config) if config else None).to(device)
+    models = {
+        "float": float_model,
+        "linear-only": Quantizer(copy.deepcopy(float_model), W8A16LinearLayer),
+        "linear+conv2d": Quantizer(copy.deepcopy(float_model), [W8A16LinearLayer, W8A16Conv2d]),
+    }
+    pixels = torch.randn(1, 3, *image_hw, generator=torch.Generator().manual_seed(0)).to(device)
+
+    @torch.no_grad()
+    def forward(model: nn.Module) -> None:
+        model(pixel_values=pixels)
+
+    res = compare({name: (lambda m=m: forward(m)) for name, m in models.items()}, repeats=repeats, warmup=1,
+                  device=device)
+    name = "detr-resnet-50" if config is None else "detr-resnet-50 (custom config)"
+    label = f"{name}, {image_hw[0]}×{image_hw[1]}, random weights"
+    base = res.median_s["float"]
+    return [{"device": device.type, "model": label, "dtype": "fp32", "impl": name, "ms": secs * 1e3,
+             "vs_float": base / secs, "MB": footprint_bytes(models[name]) / 1e6}
+            for name, secs in res.median_s.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -336,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="new tokens per decode")
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model decode")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile decode comparison")
+    parser.add_argument("--no-detr", action="store_true", help="skip the DETR forward (float vs Linear+Conv2d int8)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -366,6 +417,10 @@ def main(argv: list[str] | None = None) -> None:
         drows = decode_rows(config, new_tokens=tokens, repeats=2 if args.quick else 5, device=device,
                             compiled=not (args.quick or args.no_compile))
         print(format_table(drows, ["model", "dtype", "impl", "tokens_per_s", "vs_dense", "MB"]))
+    if not args.no_detr:
+        print()
+        detr = detr_rows(DETR_TINY, (64, 80), repeats=2) if args.quick else detr_rows(repeats=repeats, device=device)
+        print(format_table(detr, ["model", "dtype", "impl", "ms", "vs_float", "MB"]))
 
 
 if __name__ == "__main__":

@@ -86,13 +86,17 @@ class OutputDifference:
     boxes_max_abs: float  # largest |Δ| of a box coordinate, as a fraction of the image size
     boxes_max_pixels: float  # the same in pixels of the longer image side
     same_top_class: float  # fraction of queries whose most likely class (incl. "no object") is unchanged
+    distinct_top_classes: int = 0  # how many different top classes the first run's queries pick
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"logits: max|Δ|={self.logits_max_abs:.3g}, relative={self.logits_rel:.3%}; "
             f"boxes: max|Δ|={self.boxes_max_abs:.3g} of the image (≈{self.boxes_max_pixels:.2f} px); "
             f"same top class on {self.same_top_class:.0%} of queries"
         )
+        if self.distinct_top_classes == 1:  # e.g. random weights: the queries are copies of one another
+            text += " (but every query picks the same class, so that is one decision counted many times)"
+        return text
 
 
 def output_difference(a: Any, b: Any, image_size: tuple[int, int]) -> OutputDifference:
@@ -106,7 +110,34 @@ def output_difference(a: Any, b: Any, image_size: tuple[int, int]) -> OutputDiff
         boxes_max_abs=box_err,
         boxes_max_pixels=box_err * max(image_size),
         same_top_class=(la.argmax(-1) == lb.argmax(-1)).float().mean().item(),
+        distinct_top_classes=la.argmax(-1).unique().numel(),
     )
+
+
+def logits_change(a: Any, b: Any) -> float:
+    """``||b.logits - a.logits|| / ||a.logits||``: how far a second run's logits are from the first's."""
+    la, lb = a.logits.float(), b.logits.float()
+    return ((lb - la).norm() / la.norm()).item()
+
+
+def query_spread(outputs: Any) -> float:
+    """How different the queries' logits are from one another, relative to their size:
+    ``||logits - mean over queries|| / ||logits||``. Near 0 means the queries are copies (random weights)."""
+    logits = outputs.logits[0].float()
+    return ((logits - logits.mean(0)).norm() / logits.norm()).item()
+
+
+def response_change(a: Any, a_moved: Any, b: Any, b_moved: Any) -> float:
+    """How much a second model's response to an input change differs from the first model's, relative to it.
+
+    ``a``/``a_moved``: the first model (e.g. fp32) on an image and on a changed image (e.g. mirrored); ``b``/
+    ``b_moved``: the second (quantized) model on the same two. 0 means the quantized model reacts to the change
+    exactly as the float one; 1 means its reaction is as wrong as not reacting at all. Unlike `logits_change`,
+    this measures the part of the output that depends on the image, which is what a detector is for.
+    """
+    response_a = a_moved.logits.float() - a.logits.float()
+    response_b = b_moved.logits.float() - b.logits.float()
+    return ((response_b - response_a).norm() / response_a.norm()).item()
 
 
 def params_by_module_type(model: nn.Module, buffers: bool = False) -> dict[str, int]:
