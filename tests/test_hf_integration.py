@@ -399,3 +399,57 @@ def test_a_float_checkpoint_with_a_w8a16_config_is_refused(tmp_path: Path) -> No
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="the checkpoint has no model.layers.0.self_attn.q_proj.int8_weights"):
         load(path, "llama")
+
+
+# ---- Conv2d (vision models) --------------------------------------------------------------------------------
+
+
+def _tiny_detr_checkpoint(tmp_path: Path) -> Path:
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+    backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck",
+                            out_features=["stage2"], out_indices=[2])
+    config = DetrConfig(use_timm_backbone=False, backbone=None, backbone_config=backbone, use_pretrained_backbone=False,
+                        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=4,
+                        num_labels=5)
+    torch.manual_seed(0)
+    DetrForObjectDetection(config).save_pretrained(tmp_path / "detr-float")
+    return tmp_path / "detr-float"
+
+
+def _detr_outputs(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+    return out.logits, out.pred_boxes
+
+
+def test_conv2d_quantized_while_loading_and_round_trip(tmp_path: Path) -> None:
+    from transformers import DetrForObjectDetection
+    from w8a16 import W8A16Conv2d
+
+    path = _tiny_detr_checkpoint(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        on_load = DetrForObjectDetection.from_pretrained(path, quantization_config=W8A16Config(conv2d=True)).eval()
+        walked = Quantizer(DetrForObjectDetection.from_pretrained(path).eval(), [W8A16LinearLayer, W8A16Conv2d])
+    convs = [n for n, m in walked.named_modules() if isinstance(m, W8A16Conv2d)]
+    assert len(convs) >= 5 and walked.w8a16_report.replaced == on_load.w8a16_report.replaced
+    assert on_load.config.quantization_config.conv2d and walked.config.quantization_config.conv2d
+    for key, value in walked.state_dict().items():
+        assert torch.equal(on_load.state_dict()[key], value), key
+    for a, b in zip(_detr_outputs(on_load), _detr_outputs(walked)):
+        assert torch.equal(a, b)
+
+    walked.save_pretrained(tmp_path / "detr-q")
+    back = DetrForObjectDetection.from_pretrained(tmp_path / "detr-q").eval()
+    assert [n for n, m in back.named_modules() if isinstance(m, W8A16Conv2d)] == convs
+    for a, b in zip(_detr_outputs(back), _detr_outputs(walked)):
+        assert torch.equal(a, b)
+
+    back.dequantize()  # and back to float layers holding the quantized values
+    assert not any(isinstance(m, (W8A16LinearLayer, W8A16Conv2d)) for m in back.modules())
+    for a, b in zip(_detr_outputs(back), _detr_outputs(walked)):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)

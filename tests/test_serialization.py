@@ -370,3 +370,55 @@ def test_without_manifest_a_transformers_save_is_read_as_save_pretrained_wrote_i
     (tmp_path / "plain" / MANIFEST_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=MANIFEST_FILE):
         load_quantized(tmp_path / "plain")
+
+
+class ConvNet(nn.Module):
+    """Not a transformers model: convolutions of several kinds (strided, grouped, padded by reflection), a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False)
+        self.reflect = nn.Conv2d(8, 16, (1, 3), padding=(0, 1), padding_mode="reflect")
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.reflect(self.grouped(self.stem(x))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv2d_layers_round_trip(tmp_path: Path, dtype: torch.dtype) -> None:
+    from w8a16 import W8A16Conv2d
+
+    torch.manual_seed(0)
+    net = ConvNet().to(dtype).eval()
+    w8a16.Quantizer(net, [W8A16LinearLayer, W8A16Conv2d])
+    save_quantized(net, tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    assert [c["name"] for c in manifest["quantized_conv2d"]] == ["stem", "grouped", "reflect"]
+    with torch.device("meta"):
+        skeleton = ConvNet().to(dtype)
+    back = load_quantized(tmp_path, skeleton)
+    assert isinstance(back.grouped, W8A16Conv2d) and back.reflect.padding_mode == "reflect"
+    x = torch.randn(2, 3, 16, 16, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(back(x), net(x))
+
+
+def test_conv2d_entry_that_does_not_fit_the_skeleton_is_refused(tmp_path: Path) -> None:
+    from w8a16 import W8A16Conv2d
+
+    net = ConvNet()
+    w8a16.Quantizer(net, [W8A16LinearLayer, W8A16Conv2d])
+    save_quantized(net, tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    manifest["quantized_conv2d"][1]["groups"] = 2
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with torch.device("meta"):
+        skeleton = ConvNet()
+    with pytest.raises(QuantizedFormatError, match="'grouped.int8_weights' has shape"):
+        load_quantized(tmp_path, skeleton)
+    manifest["quantized_conv2d"][1]["kernel_size"] = [3, "3"]
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(QuantizedFormatError, match=r"quantized_conv2d\[1\].kernel_size"):
+        load_quantized(tmp_path, skeleton)

@@ -427,16 +427,19 @@ class W8A16Conv2d(nn.Module):
         """Quantize an `nn.Conv2d`, keeping its hyperparameters, its dtype (for scales and bias) and device."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
-        # Built on meta: quantize() replaces every buffer, so random placeholders would be wasted work.
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode, dtype=conv.weight.dtype,
-            device="meta",
-        )
+        layer = cls.empty_like(conv)  # on meta: quantize() replaces every buffer
         layer.quantize(conv.weight, method=method)
         if conv.bias is not None:
             layer.bias = conv.bias.detach().clone()
         return layer
+
+    @classmethod
+    def empty_like(cls, conv: nn.Conv2d, dtype: torch.dtype | None = None) -> "W8A16Conv2d":
+        """An empty layer on ``meta`` with the convolution's hyperparameters and bias, its scales in ``dtype``
+        (default: the convolution's): what a loader fills from a file, or `quantize` from the float weight."""
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                   conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                   dtype=dtype or conv.weight.dtype, device="meta")
 
     @torch.no_grad()
     def quantize(self, weights: torch.Tensor, *, method: str = "absmax") -> None:

@@ -281,8 +281,12 @@ def format_report(directory: str | os.PathLike) -> str:
         f"{'layer':<40} {'out x in':>13} {'bytes':>10} {'SQNR dB':>8} {'rel err':>8} {'max|err|/scale':>14}",
     ]
     q_bytes = 0
-    for layer in manifest["quantized"]:
-        n_out, n_in = layer["out_features"], layer["in_features"]
+    for layer in [*manifest["quantized"], *manifest["quantized_conv2d"]]:
+        if "kernel_size" in layer:  # a Conv2d: one row per output channel, of in/groups · kh · kw weights
+            kh, kw = layer["kernel_size"]
+            n_out, n_in = layer["out_channels"], layer["in_channels"] // layer["groups"] * kh * kw
+        else:
+            n_out, n_in = layer["out_features"], layer["in_features"]
         size = n_out * n_in + n_out * _itemsize(layer["dtype"]) * (2 if layer["bias"] else 1)
         q_bytes += size
         err = layer.get("error") or {}

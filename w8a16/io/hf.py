@@ -49,13 +49,14 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import quant
 from .. import quantizer as walker
-from ..layer import W8A16LinearLayer, linear_weight
+from ..layer import W8A16Conv2d, W8A16LinearLayer, linear_weight, quantize_rows
 from ..quantizer import QuantizationReport, footprint_bytes, is_linear_like
 
 QUANT_METHOD = "w8a16"
 FORMAT_VERSION = 1
 _MAX_NAMES = 1_000_000  # a config listing more modules than this is not a model, it is a denial of service
 _MAX_NAME_LEN = 1_000
+_QUANTIZED = (W8A16LinearLayer, W8A16Conv2d)
 _SAFETENSORS_CODES = {torch.int8: "I8", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
@@ -67,6 +68,8 @@ class W8A16Config(QuantizationConfigMixin):
             exclude)`` (``["lm_head"]``, ``"model.layers.*.mlp.gate"``).
         quantize_tied: quantize a Linear whose weight is tied to another module (an lm_head tied to the
             embeddings) anyway, untying the pair; off by default, as in `Quantizer`.
+        conv2d: also quantize every `nn.Conv2d` (as `W8A16Conv2d`), as
+            ``Quantizer(model, [W8A16LinearLayer, W8A16Conv2d], exclude)`` does: for vision models (DETR, ResNet).
         modules: written by w8a16, not by hand: the modules that hold W8A16 layers in a saved model. ``None``
             (a config that has not been used to load yet) means "whatever the rules above choose".
     """
@@ -76,6 +79,7 @@ class W8A16Config(QuantizationConfigMixin):
         exclude: Iterable[str] | str | None = None,
         quantize_tied: bool = False,
         modules: list[str] | None = None,
+        conv2d: bool = False,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **unknown: Any,
@@ -87,14 +91,16 @@ class W8A16Config(QuantizationConfigMixin):
         if type(format_version) is not int or format_version != FORMAT_VERSION:
             raise ValueError(f"W8A16Config: format_version {format_version!r} is not supported (this w8a16 reads "
                              f"version {FORMAT_VERSION})")
-        if type(quantize_tied) is not bool:
-            raise ValueError(f"W8A16Config: quantize_tied must be true or false, got {quantize_tied!r}")
+        for field, value in (("quantize_tied", quantize_tied), ("conv2d", conv2d)):
+            if type(value) is not bool:
+                raise ValueError(f"W8A16Config: {field} must be true or false, got {value!r}")
         self.quant_method = QUANT_METHOD
         self.format_version = FORMAT_VERSION
         # layer name -> ErrorStats, filled while loading if set to a dict (the CLI does); never written to a file
         self.error_stats: dict[str, quant.ErrorStats] | None = None
         self.exclude = _names([exclude] if isinstance(exclude, str) else exclude, "exclude")
         self.quantize_tied = quantize_tied
+        self.conv2d = conv2d
         self.modules = None if modules is None else _names(modules, "modules")
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +109,7 @@ class W8A16Config(QuantizationConfigMixin):
             "format_version": self.format_version,
             "exclude": list(self.exclude),
             "quantize_tied": self.quantize_tied,
+            "conv2d": self.conv2d,
             "modules": None if self.modules is None else list(self.modules),
         }
 
@@ -122,28 +129,54 @@ def _names(value: Any, field: str) -> list[str]:
     return names
 
 
-class FloatWeightSlot(W8A16LinearLayer):
+class _WeightSlot:
     """An empty (``meta``) W8A16 layer that, while the model loads, still lists a float ``weight`` in its state dict.
 
-    transformers loads only the keys of the model's state dict, so a Linear about to be quantized must still
-    offer ``<layer>.weight`` for the checkpoint's tensor to reach `QuantizeOnLoad`; the int8 buffers are listed
-    too, so the loader places them (memory, or disk under a ``device_map`` with ``offload_buffers``) like any
-    buffer. Once its weight is converted, the slot becomes a plain `W8A16LinearLayer`.
+    transformers loads only the keys of the model's state dict, so a layer about to be quantized must still offer
+    ``<layer>.weight`` for the checkpoint's tensor to reach `QuantizeOnLoad`; the int8 buffers are listed too, so
+    the loader places them (memory, or disk under a ``device_map`` with ``offload_buffers``) like any buffer.
+    Once its weight is converted, the slot becomes the plain quantized class (``quantized``).
     """
 
-    transposed = False  # a transformers Conv1D: the checkpoint holds its weight as (in, out)
+    quantized: type[nn.Module]
+
+    def float_weight_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = torch.empty(self.float_weight_shape(), dtype=self.scales.dtype,
+                                                     device="meta")
+
+
+class FloatWeightSlot(_WeightSlot, W8A16LinearLayer):
+    """The slot of a Linear (or transformers Conv1D, whose checkpoint holds the weight as ``(in, out)``)."""
+
+    quantized = W8A16LinearLayer
+    transposed = False
 
     @classmethod
-    def from_linear(cls, linear: nn.Module) -> "FloatWeightSlot":
+    def from_linear(cls, linear: nn.Module, *, method: str = "absmax") -> "FloatWeightSlot":
         out_features, in_features = linear_weight(linear).shape
         slot = cls(in_features, out_features, bias=linear.bias is not None, dtype=linear.weight.dtype, device="meta")
         slot.transposed = not isinstance(linear, nn.Linear)
         return slot
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        shape = (self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)
-        destination[prefix + "weight"] = torch.empty(shape, dtype=self.scales.dtype, device="meta")
+    def float_weight_shape(self) -> tuple[int, ...]:
+        return (self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)
+
+
+class ConvWeightSlot(_WeightSlot, W8A16Conv2d):
+    """The slot of an `nn.Conv2d`."""
+
+    quantized = W8A16Conv2d
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, *, method: str = "absmax") -> "ConvWeightSlot":
+        return cls.empty_like(conv)
+
+    def float_weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.int8_weights.shape)
 
 
 class QuantizeOnLoad(ConversionOps):
@@ -160,34 +193,39 @@ class QuantizeOnLoad(ConversionOps):
         weight = value[0] if isinstance(value, list) else value
         name = key.rpartition(".")[0]
         slot = model.get_submodule(name)
-        if not isinstance(slot, FloatWeightSlot):
+        if not isinstance(slot, _WeightSlot):
             raise ValueError(f"W8A16: {key!r} was to be quantized while loading, but {name!r} is a "
                              f"{type(slot).__name__}")
-        staging = W8A16LinearLayer(slot.in_features, slot.out_features, bias=False, dtype=slot.scales.dtype,
-                                   device="meta")
+        if getattr(slot, "transposed", False):
+            weight = weight.t()
+        # Rows as the quantized layer quantizes them: a Linear's rows, or a convolution's flattened filters.
+        rows = weight.reshape(weight.shape[0], -1)
         try:
-            staging.quantize(weight.t() if slot.transposed else weight)
+            int8_weights, scales = quantize_rows(rows, slot.scales.dtype)
         except ValueError as err:
             raise ValueError(f"cannot quantize layer {name!r} while loading: {err}") from err
         stats = self.hf_quantizer.quantization_config.error_stats
         if stats is not None:
-            stats[name] = quant.error_stats(weight.t() if slot.transposed else weight, staging.int8_weights,
-                                            staging.scales)
-        slot.__class__ = W8A16LinearLayer  # converted: from now on an ordinary quantized layer
+            stats[name] = quant.error_stats(rows, int8_weights, scales)
+        slot.__class__ = slot.quantized  # converted: from now on an ordinary quantized layer
         slot.__dict__.pop("transposed", None)
+        int8_weights = int8_weights.reshape(slot.int8_weights.shape).contiguous()
         if missing_keys is not None:
             missing_keys.discard(key)
-        return {f"{name}.int8_weights": staging.int8_weights, f"{name}.scales": staging.scales}
+        return {f"{name}.int8_weights": int8_weights, f"{name}.scales": scales}
 
 
 def _swap_in_shell(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace a Linear-like module (on ``meta``) by an empty W8A16 layer of its shape, dtype and bias."""
-    if not is_linear_like(module):
-        raise ValueError(f"W8A16: module {name!r} is a {type(module).__name__}, not a Linear layer to hold int8 "
-                         "weights (does the quantization_config's 'modules' list belong to this model?)")
-    out_features, in_features = linear_weight(module).shape
-    shell = W8A16LinearLayer(in_features, out_features, bias=module.bias is not None, dtype=module.weight.dtype,
-                             device="meta")
+    """Replace a Linear-like module or a Conv2d (on ``meta``) by an empty W8A16 layer of its shape, dtype, bias."""
+    if isinstance(module, nn.Conv2d):
+        shell: nn.Module = W8A16Conv2d.empty_like(module)
+    elif is_linear_like(module):
+        out_features, in_features = linear_weight(module).shape
+        shell = W8A16LinearLayer(in_features, out_features, bias=module.bias is not None, dtype=module.weight.dtype,
+                                 device="meta")
+    else:
+        raise ValueError(f"W8A16: module {name!r} is a {type(module).__name__}, not a Linear or Conv2d layer to hold "
+                         "int8 weights (does the quantization_config's 'modules' list belong to this model?)")
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, shell)
 
@@ -215,7 +253,7 @@ class W8A16HfQuantizer(HfQuantizer):
         name, _, tensor = param_name.rpartition(".")
         if self.pre_quantized or tensor != "weight":
             return False
-        return isinstance(model.get_submodule(name), FloatWeightSlot)
+        return isinstance(model.get_submodule(name), _WeightSlot)
 
     def get_new_dtype(self, converter: Any, param: Any, dtype: torch.dtype | None) -> torch.dtype | None:
         """The dtype a checkpoint tensor is read in. transformers would cast a float tensor into an int8 buffer
@@ -251,12 +289,13 @@ class W8A16HfQuantizer(HfQuantizer):
                                  "stored once, under the other module's name): load the model, then "
                                  "Quantizer(model, W8A16LinearLayer, exclude, quantize_tied=True)")
             _tie_on_meta(model)
-            target = W8A16LinearLayer if self.pre_quantized else FloatWeightSlot
-            self.report = walker.quantize_model(model, target, config.exclude, quantize_tied=config.quantize_tied)
+            targets = [W8A16LinearLayer, W8A16Conv2d] if self.pre_quantized else [FloatWeightSlot, ConvWeightSlot]
+            targets = targets if config.conv2d else targets[:1]
+            self.report = walker.quantize_model(model, targets, config.exclude, quantize_tied=config.quantize_tied)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        left = [n for n, m in model.named_modules() if isinstance(m, FloatWeightSlot)]
+        left = [n for n, m in model.named_modules() if isinstance(m, _WeightSlot)]
         if left:
             raise ValueError(f"W8A16: the checkpoint has no weight for {len(left)} layer(s) to quantize, e.g. "
                              f"{left[0]!r}")
@@ -268,7 +307,7 @@ class W8A16HfQuantizer(HfQuantizer):
                                      f"{name}.{missing[0]} (a float checkpoint with another model's "
                                      "quantization_config?)")
         for name, layer in model.named_modules():
-            scales = getattr(layer, "scales", None) if isinstance(layer, W8A16LinearLayer) else None
+            scales = getattr(layer, "scales", None) if isinstance(layer, _QUANTIZED) else None
             if scales is not None and not scales.is_meta and not torch.isfinite(scales).all():  # meta: offloaded
                 raise ValueError(f"W8A16: {name}.scales holds NaN or Inf (a damaged checkpoint?)")
         describe(model, self.quantization_config, self.report, own_config=False)  # from_pretrained copied it
@@ -278,16 +317,23 @@ class W8A16HfQuantizer(HfQuantizer):
         """``model.dequantize()``: each W8A16 layer back to an `nn.Linear` holding ``int8 * scales`` (the
         quantization error stays; the memory saving goes). transformers then drops the quantization_config."""
         for name, layer in list(model.named_modules()):
-            if isinstance(layer, W8A16LinearLayer):
-                weight = layer.dequantized_weight(dtype)
-                linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                   device=weight.device, dtype=weight.dtype)
-                with torch.no_grad():
-                    linear.weight.copy_(weight)
-                    if layer.bias is not None:
-                        linear.bias.copy_(layer.bias)
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+            if not isinstance(layer, _QUANTIZED):
+                continue
+            weight = layer.dequantized_weight(dtype)
+            if isinstance(layer, W8A16Conv2d):
+                float_layer: nn.Module = nn.Conv2d(
+                    layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                    layer.dilation, layer.groups, bias=layer.bias is not None, padding_mode=layer.padding_mode,
+                    device=weight.device, dtype=weight.dtype)
+            else:
+                float_layer = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                        device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                float_layer.weight.copy_(weight)
+                if layer.bias is not None:
+                    float_layer.bias.copy_(layer.bias)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, float_layer)
         return model
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
@@ -341,7 +387,7 @@ def describe(model: nn.Module, config: W8A16Config | None = None, report: Quanti
              own_config: bool = True) -> None:
     """Record on a transformers model what holds W8A16 layers, so `save_pretrained` writes a config that
     `from_pretrained` rebuilds exactly: ``config.quantization_config`` and ``model.hf_quantizer``."""
-    names = [n for n, m in model.named_modules() if isinstance(m, W8A16LinearLayer)]
+    names = [n for n, m in model.named_modules() if isinstance(m, _QUANTIZED)]
     if own_config:
         _own_config(model)
     if config is None:
@@ -363,15 +409,16 @@ def _after_quantizer(model: nn.Module, report: QuantizationReport, exclude: list
     """`Quantizer` on a transformers model: make ``save_pretrained`` keep the W8A16 layers."""
     from transformers import PreTrainedModel
 
-    layers = [m for m in model.modules() if isinstance(m, W8A16LinearLayer)]
-    if isinstance(model, PreTrainedModel) and layers and not any(isinstance(m, FloatWeightSlot) for m in layers):
+    layers = [m for m in model.modules() if isinstance(m, _QUANTIZED)]
+    if isinstance(model, PreTrainedModel) and layers and not any(isinstance(m, _WeightSlot) for m in layers):
         old = getattr(model.config, "quantization_config", None)
         if old is not None and not isinstance(old, W8A16Config):
             warnings.warn(f"Quantizer: {type(model).__name__} already had a quantization_config of another method "
                           f"({getattr(old, 'quant_method', old)!r}); it is replaced by W8A16's", stacklevel=4)
             old = None
-        describe(model, copy.deepcopy(old) if old is not None else W8A16Config(exclude=exclude,
-                                                                                quantize_tied=quantize_tied))
+        conv2d = any(isinstance(m, W8A16Conv2d) for m in layers)
+        new = W8A16Config(exclude=exclude, quantize_tied=quantize_tied, conv2d=conv2d)
+        describe(model, copy.deepcopy(old) if old is not None else new)
 
 
 def register() -> None:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layer import W8A16LinearLayer, linear_weight
+from ..layer import W8A16Conv2d, W8A16LinearLayer, linear_weight
 from ..quant import ErrorStats
 from ..quantizer import QuantizationReport, footprint_bytes, is_linear_like
 
@@ -111,7 +111,8 @@ def save_quantized(
     tensors, ties = _collect_tensors(model)
     nonpersistent = [k[len(NONPERSISTENT_PREFIX):] for k in tensors if k.startswith(NONPERSISTENT_PREFIX)]
     layers = _quantized_layers(model, error_stats or {})
-    for layer in layers:
+    convs = _quantized_convs(model, error_stats or {})
+    for layer in [*layers, *convs]:
         scales = tensors[f"{layer['name']}.scales"]
         if not torch.isfinite(scales).all():
             raise QuantizedFormatError(f"refusing to save: {layer['name']}.scales contains NaN or Inf")
@@ -135,6 +136,7 @@ def save_quantized(
         "footprint_bytes": footprint_bytes(model),
         "files": {WEIGHTS_FILE: {"bytes": weights.stat().st_size, "crc32": _file_crc32(weights)}},
         "quantized": layers,
+        "quantized_conv2d": convs,
         "kept": _kept_layers(model, report),
         "tied": ties,
         "nonpersistent_buffers": {"prefix": NONPERSISTENT_PREFIX, "names": nonpersistent},
@@ -194,6 +196,26 @@ def _quantized_layers(model: nn.Module, stats: Mapping[str, ErrorStats]) -> list
                 entry["error"] = {k: _json_float(v) for k, v in vars(stats[name]).items()}
             layers.append(entry)
     return layers
+
+
+def _quantized_convs(model: nn.Module, stats: Mapping[str, ErrorStats]) -> list[dict[str, Any]]:
+    """The `W8A16Conv2d` layers; stride, padding, dilation and padding mode come from the skeleton when loading."""
+    convs = []
+    for name, module in model.named_modules():
+        if isinstance(module, W8A16Conv2d):
+            entry: dict[str, Any] = {
+                "name": name,
+                "in_channels": module.in_channels,
+                "out_channels": module.out_channels,
+                "kernel_size": list(module.kernel_size),
+                "groups": module.groups,
+                "bias": module.bias is not None,
+                "dtype": _dtype_name(module.scales.dtype),
+            }
+            if name in stats:
+                entry["error"] = {k: _json_float(v) for k, v in vars(stats[name]).items()}
+            convs.append(entry)
+    return convs
 
 
 def _kept_layers(model: nn.Module, report: QuantizationReport | None) -> dict[str, dict[str, Any]]:
@@ -356,6 +378,10 @@ _MANIFEST_FIELDS = {
     "kept": _OBJECT, "tied": _OBJECT, "nonpersistent_buffers": _OBJECT,
 }
 _QUANTIZED_FIELDS = {"name": _NAME, "in_features": _SIZE, "out_features": _SIZE, "bias": _BOOL, "dtype": _DTYPE}
+_KERNEL = (lambda x: isinstance(x, list) and len(x) == 2 and all(_is_count(k) and k > 0 for k in x),
+           "two positive integers")
+_CONV_FIELDS = {"name": _NAME, "in_channels": _SIZE, "out_channels": _SIZE, "kernel_size": _KERNEL, "groups": _SIZE,
+                "bias": _BOOL, "dtype": _DTYPE}
 _KEPT_FIELDS = {"in_features": _COUNT, "out_features": _COUNT, "bias": _BOOL, "dtype": _DTYPE, "why": _TEXT}
 _FILE_FIELDS = {"bytes": _COUNT, "crc32": _CRC32}
 _BUFFER_FIELDS = {"prefix": _PREFIX, "names": _NAMES}
@@ -365,9 +391,12 @@ def _check_manifest(manifest: dict, path: Path) -> None:
     """Every field `save_quantized` writes is present, of its type and in range; layer names are unique."""
     _check_fields(manifest, _MANIFEST_FIELDS, path, "")
     seen: set[str] = set()
-    for i, layer in enumerate(manifest["quantized"]):
-        where = f"quantized[{i}]"
-        _check_fields(layer, _QUANTIZED_FIELDS, path, where)
+    convs = manifest.setdefault("quantized_conv2d", [])  # absent in files written before W8A16Conv2d existed
+    _check(convs, (lambda x: isinstance(x, list), "a JSON array"), path, "quantized_conv2d")
+    entries = [(f"quantized[{i}]", _QUANTIZED_FIELDS, layer) for i, layer in enumerate(manifest["quantized"])]
+    entries += [(f"quantized_conv2d[{i}]", _CONV_FIELDS, conv) for i, conv in enumerate(convs)]
+    for where, fields, layer in entries:
+        _check_fields(layer, fields, path, where)
         if layer["name"] in seen:
             raise QuantizedFormatError(f"{path}: {where}.name: layer {layer['name']!r} is listed twice")
         seen.add(layer["name"])
@@ -527,12 +556,20 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _int8_shape(layer: dict) -> tuple[int, ...]:
+    """The int8 weight's shape of a manifest entry: ``(out, in)``, or ``(out, in / groups, kh, kw)`` for a Conv2d."""
+    if "kernel_size" in layer:
+        return (layer["out_channels"], layer["in_channels"] // layer["groups"], *layer["kernel_size"])
+    return (layer["out_features"], layer["in_features"])
+
+
 def _check_layers_against_header(manifest: dict, header: dict, weights: Path) -> None:
     """Each recorded quantized layer must have int8 weights, scales and bias of the recorded shape/dtype."""
-    for layer in manifest["quantized"]:
-        name, n_in, n_out = layer["name"], layer["in_features"], layer["out_features"]
+    for layer in [*manifest["quantized"], *manifest["quantized_conv2d"]]:
+        name, shape = layer["name"], _int8_shape(layer)
+        n_out = shape[0]
         dtype = _FLOAT_DTYPES[layer["dtype"]]
-        want = {f"{name}.int8_weights": (torch.int8, (n_out, n_in)), f"{name}.scales": (dtype, (n_out,))}
+        want = {f"{name}.int8_weights": (torch.int8, shape), f"{name}.scales": (dtype, (n_out,))}
         if layer["bias"]:
             want[f"{name}.bias"] = (dtype, (n_out,))
         elif f"{name}.bias" in header:
@@ -664,16 +701,10 @@ def _from_transformers(call: Callable[[], _T], path: Path, problem: str) -> _T:
 
 
 def _swap_in_shells(model: nn.Module, manifest: dict, directory: Path) -> None:
-    """Replace each recorded Linear of the skeleton with an empty (meta) `W8A16LinearLayer`."""
+    """Replace each recorded Linear (Conv2d) of the skeleton with an empty (meta) `W8A16LinearLayer` (`W8A16Conv2d`)."""
     for layer in manifest["quantized"]:
         name = layer["name"]
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise QuantizedFormatError(
-                f"{directory / MANIFEST_FILE}: quantized layer {name!r} does not exist in the skeleton "
-                f"({type(model).__name__}); is it the same architecture and size?"
-            ) from None
+        old = _skeleton_module(model, name, directory)
         if not (is_linear_like(old) or isinstance(old, W8A16LinearLayer)):
             raise QuantizedFormatError(
                 f"{directory / MANIFEST_FILE}: {name!r} is a {type(old).__name__} in the skeleton, not a Linear"
@@ -690,6 +721,33 @@ def _swap_in_shells(model: nn.Module, manifest: dict, directory: Path) -> None:
         )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, shell)
+    for conv in manifest["quantized_conv2d"]:
+        name = conv["name"]
+        old = _skeleton_module(model, name, directory)
+        if not isinstance(old, (nn.Conv2d, W8A16Conv2d)):
+            raise QuantizedFormatError(
+                f"{directory / MANIFEST_FILE}: {name!r} is a {type(old).__name__} in the skeleton, not a Conv2d"
+            )
+        found = (old.in_channels, old.out_channels, list(old.kernel_size), old.groups, old.bias is not None)
+        recorded = (conv["in_channels"], conv["out_channels"], conv["kernel_size"], conv["groups"], conv["bias"])
+        if found != recorded:
+            raise QuantizedFormatError(
+                f"{directory / MANIFEST_FILE}: {name!r} is (in, out, kernel, groups, bias) = {recorded} in the file "
+                f"but {found} in the skeleton"
+            )
+        shell = W8A16Conv2d.empty_like(old, _FLOAT_DTYPES[conv["dtype"]])
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, shell)
+
+
+def _skeleton_module(model: nn.Module, name: str, directory: Path) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise QuantizedFormatError(
+            f"{directory / MANIFEST_FILE}: quantized layer {name!r} does not exist in the skeleton "
+            f"({type(model).__name__}); is it the same architecture and size?"
+        ) from None
 
 
 def _plan_assignment(model: nn.Module, manifest: dict, header: dict, weights: Path) -> dict[str, tuple]:
@@ -768,7 +826,7 @@ def _readinto_exactly(f, view: memoryview, path: Path, name: str) -> None:
 
 def _check_values(manifest: dict, tensors: dict[str, torch.Tensor], weights: Path) -> None:
     """Scales must be finite and non-negative (absmax / 127): anything else is a damaged file."""
-    for layer in manifest["quantized"]:
+    for layer in [*manifest["quantized"], *manifest["quantized_conv2d"]]:
         scales = tensors[f"{layer['name']}.scales"]
         if not torch.isfinite(scales).all():
             raise QuantizedFormatError(f"{weights}: {layer['name']}.scales contains NaN or Inf")

@@ -57,6 +57,12 @@ def tiled_linear(
     m = x2.shape[0]
     rows = tile_rows(n_out, n_in, m, tile_bytes)
     buf = _tile_buffer(rows, n_in, device)
+    if rows >= n_out and m > 1:
+        # The whole weight fits one tile: dequantize it with the scales folded in (the reference's own rule) and let
+        # one GEMM write (M, out) with the bias added, as nn.Linear does: no transposed output to copy back.
+        weight = buf[:n_out].copy_(int8_weights).mul_(scales.float()[:, None])  # (out, in), exact products
+        y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias.float(), x2, weight.t())
+        return y.to(x.dtype).reshape(*x.shape[:-1], n_out)  # the one rounding to x.dtype
     y_t = torch.empty(n_out, m, dtype=torch.float32, device=device)  # (out, M)
     for r in range(0, n_out, rows):
         tile = buf[: min(rows, n_out - r)].copy_(int8_weights[r : r + rows])  # int8 -> fp32, exact
