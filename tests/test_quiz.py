@@ -7,7 +7,7 @@ import pytest
 from w8a16.course.exercises._core import FAILED, NOT_ATTEMPTED, PASSED
 from w8a16.course.exercises.quiz import Question, Quiz
 
-LESSONS = ["nb01", "nb02", "nb03", "nb05", "nb06", "nb07", "nb09"]
+LESSONS = ["nb01", "nb02", "nb03", "nb04", "nb05", "nb06", "nb07", "nb08", "nb09"]
 
 
 @pytest.fixture(params=LESSONS)

@@ -138,3 +138,30 @@ def check_quantize_and_measure(fn: Callable[..., Any]) -> None:
             f"on {description}: you measured ({got_before:,}, {got_after:,}) bytes, expected ({before:,}, {after:,}). "
             "Hint: sum numel() * element_size() over parameters and buffers, before and after quantizing."
         )
+
+
+# ----------------------------------------------------------------------------------------------------- quiz
+
+from .quiz import Question, Quiz  # noqa: E402 (the quiz comes after the checks, as in the notebook)
+
+QUIZ = Quiz("04", [
+    Question("A Linear-only quantizer took DETR from 166.5 MB to 114.3 MB, not to a quarter. Why?",
+             ("DETR's Linear layers are stored in fp16", "most of DETR's weights are in Conv2d layers (the ResNet "
+              "backbone), which a Linear-only quantizer leaves in fp32", "the int8 weights need as much room as "
+              "fp32 ones once their scales are added"), "b",
+             "Count parameters by module type first: the backbone's convolutions hold most of DETR's bytes.",
+             {"a": "DETR runs in fp32 here; the Linear layers shrink 4×, they are just a minority of the bytes.",
+              "c": "one scale per output channel is tiny next to the int8 weights."}),
+    Question("On the CPU this notebook runs DETR with int8 weights and fp32 activations. What is that scheme?",
+             ("W8A8", "W8A16", "W8A32"), "c",
+             "Weights are int8, activations stay fp32: W8A32. Every difference then comes from the weights alone.",
+             {"a": "nothing here rounds the activations to 8 bits.",
+              "b": "A16 would mean 16-bit activations; the CPU run keeps them fp32."}),
+    Question("With random weights (offline), all of DETR's queries give the same box. What follows?",
+             ("five listed detections are one box five times, so 'same top class on every query' is one "
+              "decision, not many", "the quantized model is broken", "the float model is broken"), "a",
+             "Say what a number can mean before reading it: compare against the model's own response to a "
+             "change of the input instead.",
+             {"b": "the float model does the same: it is the random weights, not the quantization.",
+              "c": "with random weights no model detects anything; it is not broken, it is untrained."}),
+])

@@ -15,7 +15,7 @@ import torch
 from ... import quant
 from ._core import Failed, call, exercise
 
-__all__ = ["check_mse_scales", "check_fake_quant_ste", "mse_scales", "fake_quant_ste"]
+__all__ = ["QUIZ", "check_mse_scales", "check_fake_quant_ste", "mse_scales", "fake_quant_ste"]
 
 
 # ----------------------------------------------------------------------------------------- references
@@ -127,3 +127,29 @@ def check_fake_quant_ste(fn):
         if not torch.allclose(leaf.grad, grad, rtol=1e-4, atol=1e-6):
             raise Failed("the gradient with respect to w is not the identity: it also flows through the scale (or a "
                          "division by it). Detach the whole correction: w + (ŵ − w).detach().")
+
+
+# ----------------------------------------------------------------------------------------------------- quiz
+
+from .quiz import Question, Quiz  # noqa: E402 (the quiz comes after the checks, as in the notebook)
+
+QUIZ = Quiz("08", [
+    Question("A clipping search ('mse') instead of absmax scales: where does it pay?",
+             ("at 8 bits per channel: it gains several dB", "at 4 bits: with 15 levels, clipping a few outliers "
+              "buys a finer step for all the other weights", "nowhere: absmax is always optimal"), "b",
+             "At 8 bits the step is already fine and absmax is near-optimal; at 4 bits clipping gains dBs.",
+             {"a": "the notebook measures about a tenth of a dB at most at 8 bits per channel.",
+              "c": "absmax minimises the largest error, not the mean squared one; at 4 bits they differ."}),
+    Question("Quantization-aware training rounds the weights in the forward. How do gradients get past round()?",
+             ("round() has a useful gradient", "the straight-through estimator: the backward treats the rounding "
+              "as the identity (w + (ŵ − w).detach())", "the weights are trained in int8"), "b",
+             "round() is flat almost everywhere; the STE passes the gradient through as if it were not there.",
+             {"a": "its derivative is zero almost everywhere, so nothing would train.",
+              "c": "a float copy of the weights is trained; int8 comes at convert()."}),
+    Question("Why export W8A16 to ONNX as DequantizeLinear feeding MatMul?",
+             ("the file keeps the int8 weights and per-row scales, so it is about the quantized size", "onnxruntime "
+              "cannot run float weights", "it makes the activations int8"), "a",
+             "The int8 initializers and the scales go into the file as they are; the runtime dequantizes.",
+             {"b": "onnxruntime runs float models fine; the point is the file size.",
+              "c": "the activations stay float — watch out for runtimes that fuse this into W8A8 by default."}),
+])
