@@ -181,41 +181,30 @@ def _view_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
-def _quantized_layers(model: nn.Module, stats: Mapping[str, ErrorStats]) -> list[dict[str, Any]]:
-    layers = []
+def _quantized_entries(model: nn.Module, stats: Mapping[str, ErrorStats], cls: type[nn.Module],
+                       shape: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
+    """A manifest entry per ``cls`` layer: name, ``shape(layer)``'s fields, bias, dtype, and error stats if known."""
+    entries = []
     for name, module in model.named_modules():
-        if isinstance(module, W8A16LinearLayer):
-            entry: dict[str, Any] = {
-                "name": name,
-                "in_features": module.in_features,
-                "out_features": module.out_features,
-                "bias": module.bias is not None,
-                "dtype": _dtype_name(module.scales.dtype),
-            }
+        if isinstance(module, cls):
+            entry: dict[str, Any] = {"name": name, **shape(module), "bias": module.bias is not None,
+                                     "dtype": _dtype_name(module.scales.dtype)}
             if name in stats:
                 entry["error"] = {k: _json_float(v) for k, v in vars(stats[name]).items()}
-            layers.append(entry)
-    return layers
+            entries.append(entry)
+    return entries
+
+
+def _quantized_layers(model: nn.Module, stats: Mapping[str, ErrorStats]) -> list[dict[str, Any]]:
+    return _quantized_entries(model, stats, W8A16LinearLayer,
+                              lambda m: {"in_features": m.in_features, "out_features": m.out_features})
 
 
 def _quantized_convs(model: nn.Module, stats: Mapping[str, ErrorStats]) -> list[dict[str, Any]]:
     """The `W8A16Conv2d` layers; stride, padding, dilation and padding mode come from the skeleton when loading."""
-    convs = []
-    for name, module in model.named_modules():
-        if isinstance(module, W8A16Conv2d):
-            entry: dict[str, Any] = {
-                "name": name,
-                "in_channels": module.in_channels,
-                "out_channels": module.out_channels,
-                "kernel_size": list(module.kernel_size),
-                "groups": module.groups,
-                "bias": module.bias is not None,
-                "dtype": _dtype_name(module.scales.dtype),
-            }
-            if name in stats:
-                entry["error"] = {k: _json_float(v) for k, v in vars(stats[name]).items()}
-            convs.append(entry)
-    return convs
+    return _quantized_entries(model, stats, W8A16Conv2d, lambda m: {
+        "in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
+        "groups": m.groups})
 
 
 def _kept_layers(model: nn.Module, report: QuantizationReport | None) -> dict[str, dict[str, Any]]:
