@@ -103,7 +103,8 @@ def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except (Failed, NotAttempted):
         raise
     except Exception as err:  # the learner's bug: report it in one line, no traceback
-        raise Failed(f"your function raised {type(err).__name__}: {err}{crash_hint(str(err))}") from None
+        detail = f": {err}" if str(err) else "."  # MemoryError() and friends carry no message
+        raise Failed(f"your function raised {type(err).__name__}{detail}{crash_hint(str(err))}") from None
     if value is None:
         raise Failed(FORGOT_RETURN)
     if not_attempted(value):
