@@ -91,7 +91,7 @@ class Quiz:
         """Print one ✓ / ✗ / ○ line per question and return the verdicts."""
         out = self.verdicts(answers)
         for v in out:
-            print(v)
+            print(v.wrapped(_WIDTH))
         return _Quiet(out)
 
 
