@@ -46,6 +46,15 @@ def _w4(div=7, per_row=False, clamp=True, float_codes=False):
     return fn
 
 
+def _w4_in_input_dtype(w, gs):
+    """Right in fp32, but a bf16 matrix is divided and rounded in bf16."""
+    out_f, in_f = w.shape
+    groups = w.reshape(out_f, in_f // gs, gs)
+    s = groups.abs().amax(-1) / 7
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    return torch.round(groups / safe[..., None]).clamp(-7, 7).reshape(out_f, in_f).to(torch.int8), s
+
+
 @pytest.mark.parametrize(
     "wrong, hint",
     [
@@ -56,8 +65,9 @@ def _w4(div=7, per_row=False, clamp=True, float_codes=False):
         (_w4(float_codes=True), "as integers"),
         (lambda w, gs: (torch.zeros(1), torch.zeros(1)), "expected scales of shape"),
         (lambda w, gs: nb09.quantize_w4(w, gs)[0], "return two tensors"),
+        (_w4_in_input_dtype, "start from w.float()"),
     ],
-    ids=["by-8", "by-127", "by-15", "per-row", "float-codes", "bad-shape", "one-tensor"],
+    ids=["by-8", "by-127", "by-15", "per-row", "float-codes", "bad-shape", "one-tensor", "bf16-maths"],
 )
 def test_quantize_w4_wrong_answers(wrong, hint):
     fails_with(nb09.check_quantize_w4, wrong, hint)

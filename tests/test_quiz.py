@@ -44,6 +44,8 @@ def test_odd_answers_are_reported_not_raised():
     assert quiz.verdicts([" B) "])[0].status == PASSED  # case, spaces and a trailing ")" are forgiven
     assert quiz.verdicts([])[0].status == NOT_ATTEMPTED
     assert quiz.verdicts(["b", "a"])[-1].status == FAILED  # more answers than questions
+    number = quiz.verdicts([2])[0]  # the option's number instead of its letter: wrong kind, not a blank
+    assert number.status == FAILED and "not a letter" in number.message
 
 
 def test_a_malformed_question_is_refused():

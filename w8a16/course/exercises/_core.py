@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -35,6 +36,10 @@ class Verdict:
         return f"{_MARK[self.status]} {self.title}: {self.message}"
 
     __repr__ = __str__
+
+    def wrapped(self, width: int = 100) -> str:
+        """What a check prints: ``str(self)`` wrapped at word boundaries (JupyterLab breaks long lines mid-word)."""
+        return textwrap.fill(str(self), width, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
 
     def _ipython_display_(self) -> None:
         """The check has already printed this verdict; a notebook showing the returned value would repeat it."""
@@ -103,7 +108,8 @@ def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except (Failed, NotAttempted):
         raise
     except Exception as err:  # the learner's bug: report it in one line, no traceback
-        raise Failed(f"your function raised {type(err).__name__}: {err}{crash_hint(str(err))}") from None
+        detail = f": {err}" if str(err) else "."  # MemoryError() and friends carry no message
+        raise Failed(f"your function raised {type(err).__name__}{detail}{crash_hint(str(err))}") from None
     if value is None:
         raise Failed(FORGOT_RETURN)
     if not_attempted(value):
@@ -134,7 +140,7 @@ def exercise(title: str, passed: str = "correct.") -> Callable[[F], Callable[...
             except Exception as err:  # a bug in the check itself must not stop the notebook either
                 verdict = Verdict(title, FAILED, f"the check could not run ({type(err).__name__}: {err})")
             if not quiet:
-                print(verdict)
+                print(verdict.wrapped())
             return verdict
 
         return check

@@ -125,6 +125,13 @@ def check_quantize_w4(fn):
         if (c.abs() > QMAX).any():
             raise Failed(f"on {case} some codes are beyond ±7: clamp to [−7, 7].")
         if not torch.equal(c.to(torch.int8), ref_codes):
+            if w.dtype != torch.float32:
+                groups = w.reshape(out_f, in_f // gs, gs)  # the same computation left in the input's dtype
+                low = _codes(groups, groups.abs().amax(-1) / QMAX).reshape(out_f, in_f)
+                if torch.equal(c.to(torch.int8), low):
+                    raise Failed(f"on {case} you computed in {str(w.dtype).removeprefix('torch.')}: w / scale is "
+                                 "rounded to that dtype's few bits before torch.round sees it, so codes near a .5 "
+                                 "move. Compute in fp32: start from w.float().")
             raise Failed(f"on {case} your codes differ: round(w / scale) per group, with the group's own scale "
                          "(reshape to (out, in // group_size, group_size) and broadcast scales[..., None]).")
 

@@ -12,6 +12,7 @@ An answer left as "?" (or None) is "not attempted"; a wrong letter gets the feed
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -20,6 +21,7 @@ from ._core import FAILED, NOT_ATTEMPTED, PASSED, Verdict
 __all__ = ["Question", "Quiz"]
 
 _LETTERS = "abcdefgh"
+_WIDTH = 100  # about what JupyterLab shows of an output line at 1280 px with the file browser open
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,12 @@ class Quiz:
 
     def show(self) -> None:
         """Print the questions and their lettered options."""
+        # Wrapped at word boundaries: JupyterLab breaks a long output line wherever the window ends, mid-word.
         for n, q in enumerate(self.questions, 1):
-            print(f"Q{n}. {q.text}")
+            print(textwrap.fill(f"Q{n}. {q.text}", _WIDTH, subsequent_indent="    ", break_on_hyphens=False))
             for letter, option in zip(_LETTERS, q.options):
-                print(f"    {letter}) {option}")
+                print(textwrap.fill(f"    {letter}) {option}", _WIDTH, subsequent_indent="       ",
+                                    break_on_hyphens=False))
 
     def verdicts(self, answers: Sequence[object]) -> list[Verdict]:
         """One verdict per question, without printing."""
@@ -67,7 +71,10 @@ class Quiz:
             title = f"Quiz {self.lesson}, Q{n}"
             letter = given.strip().lower().rstrip(")") if isinstance(given, str) else None
             valid = _LETTERS[: len(q.options)]
-            if letter in (None, "", "?"):
+            if given is not None and not isinstance(given, str):  # 2, True, ["b"]: not a blank, a wrong kind
+                out.append(Verdict(title, FAILED, f"{given!r} is not a letter: answer with one of "
+                                                  f"{', '.join(repr(v) for v in valid)}, in quotes."))
+            elif letter in (None, "", "?"):
                 out.append(Verdict(title, NOT_ATTEMPTED, 'not answered yet — put a letter in place of "?".'))
             elif letter not in valid:
                 out.append(Verdict(title, FAILED, f"{given!r} is not an option: answer with one of {', '.join(valid)}."))
@@ -84,7 +91,7 @@ class Quiz:
         """Print one ✓ / ✗ / ○ line per question and return the verdicts."""
         out = self.verdicts(answers)
         for v in out:
-            print(v)
+            print(v.wrapped(_WIDTH))
         return _Quiet(out)
 
 
