@@ -205,3 +205,14 @@ def test_import_w8a16_does_not_import_onnx():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=os.path.dirname(os.path.dirname(w8a16.__file__)))
     assert done.stdout.strip() == "[]"
+
+
+def test_a_causal_lm_with_its_default_kv_cache_exports_and_keeps_its_setting(tmp_path):
+    """A transformers LM as users have it (use_cache=True): exported without the cache, and left as it was."""
+    model = hf.LlamaForCausalLM(hf.LlamaConfig(num_key_value_heads=2, **{**DECODER, "use_cache": True})).eval()
+    quantize_quietly(model, ["lm_head"])
+    ids = torch.randint(0, 128, (1, 5))
+    path = w8a16.export_onnx(model, (ids,), tmp_path / "m.onnx")
+    assert model.config.use_cache is True
+    with torch.no_grad():
+        assert_matches(run_onnx(path, ids), model(ids).logits)

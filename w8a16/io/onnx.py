@@ -136,6 +136,20 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _without_kv_cache(model: nn.Module) -> Iterator[None]:
+    """``config.use_cache = False`` while exporting a transformers model, as it was afterwards."""
+    config = getattr(model, "config", None)
+    had = getattr(config, "use_cache", None)
+    if had:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if had:
+            config.use_cache = had
+
+
 def export_onnx(
     model: nn.Module,
     example_args: tuple[Any, ...] | torch.Tensor,
@@ -152,7 +166,8 @@ def export_onnx(
     ``example_args`` (a tensor or a tuple) and ``example_kwargs`` are what ``model`` is called with while it is
     traced; ``dynamic_shapes`` is passed to ``torch.export`` (e.g. ``({0: torch.export.Dim("batch")},)``) — by
     default every shape is fixed to the example's. Put the model in ``eval()`` first, as for any export: the
-    model is traced in whatever mode it is in. The file is written in one piece (no external data), so
+    model is traced in whatever mode it is in. A transformers model is traced with ``use_cache=False`` (its
+    key/value cache object cannot be an ONNX output): the file computes the logits of the whole input. The file is written in one piece (no external data), so
     its size on disk is the model's — about one byte per quantized weight — and, as one protobuf, it must stay
     under 2 GB. The exporter's per-node debugging records (stack traces) are removed.
 
@@ -163,7 +178,7 @@ def export_onnx(
 
     args = (example_args,) if isinstance(example_args, torch.Tensor) else tuple(example_args)
     path = Path(path)
-    with _quiet_exporter():
+    with _quiet_exporter(), _without_kv_cache(model):
         program = torch.onnx.export(
             model,
             args,
