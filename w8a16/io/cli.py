@@ -300,12 +300,15 @@ def format_report(directory: str | os.PathLike) -> str:
     for name, info in manifest["kept"].items():
         n_out, n_in = info["out_features"], info["in_features"]
         size = (n_out * n_in + (n_out if info["bias"] else 0)) * _itemsize(info["dtype"])
-        tied = f"{name}.weight" in manifest["tied"]
-        k_bytes += 0 if tied else size
-        lines.append(f"  {name:<38} {f'{n_out}x{n_in}':>13} {_mb(size):>10}  {info['why']}")
+        shares = manifest["tied"].get(f"{name}.weight")
+        k_bytes += 0 if shares else size
+        shown = f"(= {shares.removesuffix('.weight')})" if shares else _mb(size)  # stored once, with the other
+        lines.append(f"  {name:<38} {f'{n_out}x{n_in}':>13} {shown:>10}  {info['why']}")
+    n_quantized = len(manifest["quantized"]) + len(manifest["quantized_conv2d"])
     lines.append(
-        f"{len(manifest['quantized'])} quantized layer(s): {_mb(q_bytes)}; {len(manifest['kept'])} kept: "
-        f"{_mb(k_bytes)}; whole model in memory: {_mb(manifest['footprint_bytes'])}"
+        f"{n_quantized} quantized layer(s): {_mb(q_bytes)}; {len(manifest['kept'])} kept: "
+        f"{_mb(k_bytes)}{' (tied weights counted once)' if any(manifest['tied']) else ''}; "
+        f"whole model in memory: {_mb(manifest['footprint_bytes'])}"
     )
     sizes = saved_sizes(directory)
     files = ", ".join(f"{n} {_mb(s)}" for n, s in sizes.items())
