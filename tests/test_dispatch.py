@@ -354,3 +354,16 @@ def test_fp64_inputs_keep_fp64_precision():
     assert ops.supported_paths(x, w, s) == ["reference"] and ops.choose_path(x, w, s) == "reference"
     out = w8a16_linear(x, w, s, b)
     torch.testing.assert_close(out, fp64_reference(x, w, s, b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("one_gemm", [True, False], ids=["one-gemm", "tiles"])
+def test_tiled_one_gemm_and_tiles_agree_with_the_reference(monkeypatch, dtype, bias, one_gemm):
+    """A small weight times many rows takes one addmm writing (M, out); otherwise tiles writing (out, M)."""
+    monkeypatch.setattr(cpu, "ONE_GEMM_BYTES", 1 << 30 if one_gemm else 0)
+    w, s, b = make_args(64, 37, dtype, "cpu")
+    x = torch.randn(2, cpu.ONE_GEMM_MIN_M // 2 + 3, 64, dtype=dtype)  # M = ONE_GEMM_MIN_M + 6
+    out = cpu.tiled_linear(x, w, s, b if bias else None)
+    assert out.shape == (2, x.shape[1], 37) and out.dtype == dtype
+    assert_close(out, fp64_reference(x, w, s, b if bias else None), dtype)
