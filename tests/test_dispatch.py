@@ -367,3 +367,10 @@ def test_tiled_one_gemm_and_tiles_agree_with_the_reference(monkeypatch, dtype, b
     out = cpu.tiled_linear(x, w, s, b if bias else None)
     assert out.shape == (2, x.shape[1], 37) and out.dtype == dtype
     assert_close(out, fp64_reference(x, w, s, b if bias else None), dtype)
+
+
+def test_an_explicit_tile_size_is_kept_for_a_small_weight_and_many_rows():
+    w, s, b = make_args(64, 37, torch.float32, "cpu")
+    x = torch.randn(cpu.ONE_GEMM_MIN_M, 64)
+    out = cpu.tiled_linear(x, w, s, b, tile_bytes=64 * 4 * 5)  # 5 rows per tile: never the one-GEMM form
+    assert_close(out, fp64_reference(x, w, s, b), torch.float32)

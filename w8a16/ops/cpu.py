@@ -63,7 +63,7 @@ def tiled_linear(
     m = x2.shape[0]
     rows = tile_rows(n_out, n_in, m, tile_bytes)
     buf = _tile_buffer(rows, n_in, device)
-    if n_out * n_in * 4 <= ONE_GEMM_BYTES and m >= ONE_GEMM_MIN_M:
+    if rows >= n_out and n_out * n_in * 4 <= ONE_GEMM_BYTES and m >= ONE_GEMM_MIN_M:  # (an explicit tile_bytes wins)
         # The whole weight fits one tile: dequantize it with the scales folded in (the reference's own rule) and let
         # one GEMM write (M, out) with the bias added, as nn.Linear does: no transposed output to copy back.
         weight = buf[:n_out].copy_(int8_weights).mul_(scales.float()[:, None])  # (out, in), exact products
