@@ -149,3 +149,13 @@ def test_quantize_a_sharded_checkpoint_shard_by_shard(tmp_path: Path, pretrained
     loaded = w8a16.load_quantized(tmp_path / "q")
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_quantize_refuses_a_checkpoint_saved_already_quantized(tmp_path: Path, pretrained: Path, capsys) -> None:
+    model = CodeGenForCausalLM.from_pretrained(pretrained)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w8a16.Quantizer(model, w8a16.W8A16LinearLayer, ["lm_head"])
+    model.save_pretrained(tmp_path / "quantized")
+    assert main(["quantize", str(tmp_path / "quantized"), "--out", str(tmp_path / "q"), "--no-measure"]) == 1
+    assert "already quantized (w8a16)" in capsys.readouterr().err

@@ -191,8 +191,9 @@ def load_pretrained(source: str, dtype: Any = "auto", quantization_config: Any =
             config = transformers.AutoConfig.from_pretrained(ref, trust_remote_code=False)
         name = config_architecture(config, where)
         cls = transformers_model_class(name, where) if name else transformers.AutoModelForCausalLM
-        method = getattr(getattr(config, "quantization_config", None), "get", lambda _: None)("quant_method")
-        if quantization_config is not None and method is not None:
+        already = getattr(config, "quantization_config", None)  # a dict, as AutoConfig reads it from config.json
+        if quantization_config is not None and already is not None:
+            method = already.get("quant_method") if isinstance(already, dict) else already.quant_method
             raise CliError(f"{source} is already quantized ({method}); pass the original model")
         extra = {} if quantization_config is None else {"quantization_config": quantization_config}
         model = cls.from_pretrained(ref, config=config, dtype=dtype, trust_remote_code=False, use_safetensors=True,
