@@ -75,7 +75,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 g = torch.Generator().manual_seed(0)
 for dtype in TOL:
     for n_in, n_out in ((48, 5), (17, 3), (300, 37)):          # odd, tails in K and N
-        for leading in ((), (1,), (2, 2)):                      # 1-D, decode, 3-D
+        for leading in ((), (1,), (2, 2), (40,), (130,)):       # 1-D, decode, 3-D, row buckets 64 and 128 (2 tiles)
             for bias in (True, False):
                 w = torch.randint(-127, 128, (n_out, n_in), generator=g, dtype=torch.int8)
                 s = (torch.rand(n_out, generator=g) / 50 + 1e-3).to(dtype)
@@ -162,8 +162,7 @@ from w8a16.ops import gpu
 # N·K > 2³¹: rows past byte 2³¹ of the weight are only reachable with 64-bit offsets (int32 would wrap around
 # to the start of the weight). One weight tile per program, so the interpreter has few steps to run.
 k, n = 1 << 16, (1 << 15) + 64
-kernel, _ = gpu._kernel()
-gpu._kernel_cache[0] = (kernel, {"BLOCK_N": 16, "BLOCK_K": k})  # 2²⁰ elements: the interpreter's largest tile
+gpu.INTERPRETER_BLOCKS.update(BLOCK_N=16, BLOCK_K=k)  # 2²⁰ weight elements: the interpreter's largest tile
 w = torch.zeros(n, k, dtype=torch.int8)
 w[-64:] = torch.randint(-127, 128, (64, k), dtype=torch.int8)
 w[:64] = 1  # what a wrapped-around offset would read instead

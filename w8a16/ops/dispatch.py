@@ -1,17 +1,18 @@
 """Which path computes a W8A16 matmul, chosen per call by measurement. Every path obeys `reference`'s rule.
 
 ``reference``
-    `reference.reference_linear`: dequantize in fp32, ``F.linear``, round once. Any device; on CUDA the path for
-    batches above `gpu.MAX_M`. On a CPU slow: most of its time goes into allocating and first-touching a
-    full-size dense weight on every call.
+    `reference.reference_linear`: dequantize in fp32, ``F.linear``, round once. Any device; on CUDA the path
+    where Triton is missing or switched off. Slow everywhere: most of its time goes into writing and reading back
+    a full-size fp32 weight on every call (on an H200, 10–23× slower than cuBLAS on the float weight).
 ``native``
     A short C kernel (``ops/csrc/gemv.c``, built on first use by `native`) that converts int8 to fp32 in registers
     and accumulates in fp32: the weights are read once, as int8. At M=1 (decode) it streams them at memory
     speed; for a few rows of x it converts each weight once for four rows. Used up to `NATIVE_MAX_M` rows, on a
     CPU where the library runs a SIMD variant (a scalar C loop loses to PyTorch's kernels).
 ``triton``
-    The GPU counterpart of ``native`` (`gpu`): reads the int8 weight once for up to `gpu.MAX_M` rows of x on
-    CUDA; checked against the reference on first use on each device and dtype, switched off there if it fails.
+    The GPU path (`gpu`), for every batch size on CUDA: a Triton matmul that reads int8 weight tiles, widens them
+    in registers and multiplies on the tensor cores; checked against the reference on first use on each device
+    and dtype, switched off there if it fails.
 ``int8pack``
     ``torch._weight_int8pack_mm`` where no native kernel runs: bf16 layers without bias, up to `PACK_MAX_M` rows
     (see `cpu.int8pack_supported` for why only there).
@@ -94,7 +95,7 @@ def supported_paths(
     paths = ["reference"]
     if x.device.type == "cpu":
         paths.append("tiled")
-    if gpu.available(x) and int8_weights.device == scales.device == x.device and _rows(x) <= gpu.MAX_M:
+    if gpu.available(x) and int8_weights.device == scales.device == x.device:
         paths.append("triton")
     if native_supported(x, int8_weights, scales):
         paths.append("native")
@@ -113,8 +114,8 @@ def choose_path(
     if m == 0 or x.shape[-1] == 0 or int8_weights.shape[0] == 0:
         return "reference"  # empty: nothing to speed up, and the fast kernels are not tested on it
     if x.device.type != "cpu":
-        if x.device.type == "cuda" and m <= gpu.MAX_M and gpu.available(x) and gpu.passes_first_use_check(x):
-            return "triton"  # decode on CUDA: int8 read once (checked against the reference on first use)
+        if x.device.type == "cuda" and gpu.available(x) and gpu.passes_first_use_check(x):
+            return "triton"  # CUDA: int8 tiles widened in registers (checked against the reference on first use)
         return "reference"  # CUDA & co: dequantize in fp32 + the vendor GEMM
     if m <= NATIVE_MAX_M and native_supported(x, int8_weights, scales):
         return "native"  # decode, prefill of short prompts, small batches: int8 read once, fp32 accumulation
