@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from w8a16 import ops
 from w8a16.ops import native
 
 PACKAGE_PARENT = str(Path(native.__file__).resolve().parents[1])  # the w8a16 under test, for subprocesses
@@ -101,6 +102,7 @@ if sys.argv[1] == "none-usable":  # what tempfile raises when no candidate direc
     tempfile.gettempdir = gettempdir
 else:  # a directory that cannot exist: it is under a regular file
     tempfile.tempdir = os.environ["TMPDIR"]
+from w8a16 import ops
 from w8a16.ops import native
 attempts = []
 build = native._build_and_load
@@ -214,11 +216,14 @@ def test_cache_key_covers_machine_compiler_flags_and_source(monkeypatch, tmp_pat
     monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-DX"])
     other_flags = native._cache_key(["gcc"], "gcc 12.2.0")
     monkeypatch.undo()
-    source = tmp_path / "gemv.c"
-    source.write_bytes(native.SOURCE.read_bytes() + b"\n")
-    monkeypatch.setattr(native, "SOURCE", source)
-    other_source = native._cache_key(["gcc"], "gcc 12.2.0")
-    assert len({key, other_machine, other_flags, other_source}) == 4
+    other_sources = []
+    for i, original in enumerate(native.SOURCES):  # each C file the library is built from
+        source = tmp_path / original.name
+        source.write_bytes(original.read_bytes() + b"\n")
+        monkeypatch.setattr(native, "SOURCES", (*native.SOURCES[:i], source, *native.SOURCES[i + 1 :]))
+        other_sources.append(native._cache_key(["gcc"], "gcc 12.2.0"))
+        monkeypatch.undo()
+    assert len({key, other_machine, other_flags, *other_sources}) == 3 + len(native.SOURCES)
 
 
 @needs_compiler
@@ -226,7 +231,8 @@ def test_recorded_build_command_has_no_march_native(fresh):
     assert native.library() is not None, native.unavailable_reason()
     library, record = cache_files(fresh)
     command = json.loads(record.read_text())["command"]
-    assert not any(part.startswith("-march") for part in command) and str(native.SOURCE) in command
+    assert not any(part.startswith("-march") for part in command)
+    assert all(str(source) in command for source in native.SOURCES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,3 +422,55 @@ def test_variants_agree_with_each_other_closely():
     for name, y in outs.items():
         scale = outs["scalar"].abs().max().item()
         torch.testing.assert_close(y, outs["scalar"], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The bf16 GEMM on VDPBF16PS (csrc/gemm_bf16.c): bf16 x from BF16_DOT_MIN_M rows on, on AVX512-BF16 CPUs
+# ---------------------------------------------------------------------------------------------------------------
+
+needs_bf16_dot = pytest.mark.skipif(not native.bf16_dot(), reason="this CPU has no AVX512-BF16 (or no native kernel)")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("params_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_gemm_is_within_fp32_rounding(params_dtype, bias):
+    """Row counts around its 16- and 32-row blocks, k odd and shorter than a vector, n not a multiple of 8."""
+    torch.manual_seed(4)
+    for m in (16, 17, 31, 32, 33, 48, 64, 100, 257):
+        for n, k in ((1, 1), (3, 7), (9, 33), (37, 47), (8, 1000), (13, 4099)):
+            w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+            s = (torch.rand(n) / 50 + 1e-3).to(params_dtype)
+            b = torch.randn(n).to(params_dtype) if bias else None
+            x = (torch.randn(m, k) * 3).bfloat16()
+            y = native.gemv(x, w, s, b)
+            assert_within_fp32_rounding(y, x, w, s, b)
+            assert torch.equal(native.PreparedWeights(w, s, b).run(x), y)
+
+
+@needs_bf16_dot
+def test_bf16_gemm_serves_bf16_at_every_batch_and_overflows_to_inf():
+    w = torch.full((4, 64), 127, dtype=torch.int8)
+    w[1] = -127
+    x = torch.full((40, 64), 3e37).bfloat16()
+    assert ops.choose_path(x, w, torch.ones(4)) == "native"  # 40 rows: past NATIVE_MAX_M, still the C kernel
+    y = native.gemv(x, w, torch.ones(4), None)
+    assert torch.isinf(y[:, 0]).all() and (y[:, 0] > 0).all() and (y[:, 1] < 0).all() and not y.isnan().any()
+
+
+@needs_bf16_dot
+def test_bf16_gemm_is_off_below_avx512_and_the_gemv_answers():
+    before = native._state["simd"]
+    torch.manual_seed(5)
+    w, s = torch.randint(-127, 128, (24, 300), dtype=torch.int8), torch.rand(24) / 50
+    x = torch.randn(20, 300).bfloat16()
+    try:
+        with_dot = native.gemv(x, w, s, None)
+        native.select_simd("avx2")
+        assert not native.bf16_dot() and native.info()["bf16_dot"] is False
+        without = native.gemv(x, w, s, None)
+        assert ops.choose_path(torch.randn(64, 300).bfloat16(), w, s) != "native"  # the tiles again past 32 rows
+    finally:
+        native.select_simd(before)
+    assert_within_fp32_rounding(without, x, w, s, None)
+    torch.testing.assert_close(with_dot, without, rtol=2**-7, atol=0)

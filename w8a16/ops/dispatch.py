@@ -8,7 +8,10 @@
     A short C kernel (``ops/csrc/gemv.c``, built on first use by `native`) that converts int8 to fp32 in registers
     and accumulates in fp32: the weights are read once, as int8. At M=1 (decode) it streams them at memory
     speed; for a few rows of x it converts each weight once for four rows. Used up to `NATIVE_MAX_M` rows, on a
-    CPU where the library runs a SIMD variant (a scalar C loop loses to PyTorch's kernels).
+    CPU where the library runs a SIMD variant (a scalar C loop loses to PyTorch's kernels). For bf16 x from
+    `native.BF16_DOT_MIN_M` rows on, at any batch, on CPUs with AVX512-BF16 (``csrc/gemm_bf16.c``): int8 widened
+    to bf16 and multiplied with VDPBF16PS, twice the multiply-adds per instruction of fp32 FMAs, which is what
+    PyTorch's dense bf16 matmul uses there.
 ``triton``
     The GPU path (`gpu`), for every batch size on CUDA: a Triton matmul that reads int8 weight tiles, widens them
     in registers and multiplies on the tensor cores; checked against the reference on first use on each device
@@ -117,8 +120,11 @@ def choose_path(
         if x.device.type == "cuda" and gpu.available(x) and gpu.passes_first_use_check(x):
             return "triton"  # CUDA: int8 tiles widened in registers (checked against the reference on first use)
         return "reference"  # CUDA & co: dequantize in fp32 + the vendor GEMM
-    if m <= NATIVE_MAX_M and native_supported(x, int8_weights, scales):
-        return "native"  # decode, prefill of short prompts, small batches: int8 read once, fp32 accumulation
+    if native_supported(x, int8_weights, scales):
+        if m <= NATIVE_MAX_M:
+            return "native"  # decode, prefill of short prompts, small batches: int8 read once, fp32 accumulation
+        if x.dtype == torch.bfloat16 and native.bf16_dot():
+            return "native"  # bf16 on an AVX512-BF16 CPU, any batch: VDPBF16PS, the dense layer's own rate
     _announce_missing_native()
     if m <= PACK_MAX_M and int8pack_supported(x, int8_weights, scales, bias):
         return "int8pack"  # no vectorised C kernel here: one kernel call that reads int8 directly
