@@ -59,3 +59,29 @@ def test_detr_rows_compare_float_linear_only_and_linear_plus_conv2d():
     assert list(by_impl) == ["float", "linear-only", "linear+conv2d"]
     assert by_impl["float"]["vs_float"] == 1.0 and all(r["ms"] > 0 and r["dtype"] == "fp32" for r in rows)
     assert by_impl["linear+conv2d"]["MB"] < by_impl["linear-only"]["MB"] < by_impl["float"]["MB"]
+
+
+def _row(dtype, m, impl, vs_dense, pct=float("nan"), path=""):
+    return {"device": "cpu", "dtype": dtype, "in": 64, "out": 32, "M": m, "impl": impl, "path": path,
+            "ms": 1.0 / vs_dense, "vs_dense": vs_dense, "weight_GBps": 1.0, "pct_stream": pct}
+
+
+def test_summary_has_one_line_per_dtype_and_m_with_every_implementation():
+    rows = [_row("bf16", 1, "dense", 1.0), _row("bf16", 1, "seed-naive", 0.2), _row("bf16", 1, "w8a16", 2.0, 81.0, "native"),
+            _row("bf16", 1, "optimum-quanto", 1.5), _row("bf16", 16, "dense", 1.0), _row("bf16", 16, "w8a16", 0.8, 5.0, "native")]
+    lines = bench.summary_rows(rows)
+    assert [(line["dtype"], line["M"]) for line in lines] == [("bf16", 1), ("bf16", 16)]
+    assert lines[0] == {"dtype": "bf16", "shape": "64x32", "M": 1, "dense_ms": 1.0, "seed-naive": 0.2, "w8a16": 2.0,
+                        "path": "native", "pct_stream": 81.0, "optimum-quanto": 1.5}
+
+
+def test_targets_are_checked_against_the_run():
+    rows = [_row("bf16", 1, "dense", 1.0), _row("bf16", 1, "w8a16", 2.0, 79.0, "native"), _row("bf16", 1, "torchao", 2.5),
+            _row("fp32", 64, "dense", 1.0), _row("fp32", 64, "w8a16", 0.95, 3.0, "tiled")]
+    decode = [{"dtype": "bfloat16", "impl": "w8a16", "vs_dense": 1.9}, {"dtype": "bfloat16", "impl": "w8a16 (compiled)", "vs_dense": 1.4}]
+    met = {c["target"]: c["met"] for c in bench.target_rows(rows, decode)}
+    assert met == {
+        "bf16 64x32 M=1: % of stream bandwidth": "NO", "bf16 64x32 M=1: vs dense": "yes",
+        "bf16 64x32 M=1: ours / torchao": "NO", "fp32 64x32 M=64: vs dense": "yes",
+        "decode w8a16 vs dense": "yes", "decode w8a16 (compiled) vs dense (compiled)": "NO",
+    }

@@ -365,6 +365,48 @@ def detr_rows(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+PEERS = ("optimum-quanto", "torchao")
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """`layer_rows` as one line per (shape, dtype, M): dense ms, every implementation's speed relative to dense
+    (> 1: faster), the path ours took and its share of the stream bandwidth. Peers not installed are left out."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["dtype"], r["in"], r["out"], r["M"])
+        line = out.setdefault(key, {"dtype": r["dtype"], "shape": f"{r['in']}x{r['out']}", "M": r["M"]})
+        if r["impl"] == "dense":
+            line["dense_ms"] = r["ms"]
+        else:
+            line[r["impl"]] = r["vs_dense"]
+        if r["impl"] == "w8a16":
+            line["path"], line["pct_stream"] = r["path"], r["pct_stream"]
+    return list(out.values())
+
+
+def target_rows(layer: list[dict], decode: list[dict] | None = None) -> list[dict]:
+    """The speed targets (issue #14) checked against one run: GEMV at ≥ 80 % of stream bandwidth at M=1; ours ≥ 0.9×
+    dense and ≥ each installed peer at every M and dtype; CodeGen decode ≥ 1.8× dense eager, ≥ 1.5× compiled."""
+    checks = []
+    for line in summary_rows(layer):
+        where = f"{line['dtype']} {line['shape']} M={line['M']}"
+        ours = line.get("w8a16", float("nan"))
+        if line["M"] == 1:
+            checks.append({"target": f"{where}: % of stream bandwidth", "value": line["pct_stream"], "goal": 80.0})
+        checks.append({"target": f"{where}: vs dense", "value": ours, "goal": 0.9})
+        for peer in PEERS:
+            if isinstance(line.get(peer), float) and line[peer] == line[peer]:  # installed, and it ran
+                checks.append({"target": f"{where}: ours / {peer}", "value": ours / line[peer], "goal": 1.0})
+    for r in decode or []:
+        goal = {"w8a16": 1.8, "w8a16 (compiled)": 1.5}.get(r["impl"])
+        if goal is not None and r["dtype"] == "bfloat16":
+            checks.append({"target": f"decode {r['impl']} vs dense{' (compiled)' if 'compiled' in r['impl'] else ''}",
+                           "value": r["vs_dense"], "goal": goal})
+    for c in checks:
+        c["met"] = "yes" if c["value"] >= c["goal"] else "NO"
+    return checks
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """Rows as a fixed-width text table."""
     def cell(v):
@@ -387,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model decode")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile decode comparison")
     parser.add_argument("--no-detr", action="store_true", help="skip the DETR forward (float vs Linear+Conv2d int8)")
+    parser.add_argument("--verbose", action="store_true", help="also print every layer row (ms, GB/s)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -394,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         ms, shapes, repeats, rotate, config, tokens = (1, 64), ((256, 128),), 2, 1 << 16, CODEGEN_TINY, 3
     else:
-        ms, repeats, rotate, config, tokens = (1, 16, 64, 256), 5, ROTATE_BYTES, CODEGEN_350M, 16
+        ms, repeats, rotate, config, tokens = (1, 4, 16, 64, 256), 5, ROTATE_BYTES, CODEGEN_350M, 16
         shapes = ((4096, 4096), (4096, 14336)) if device.type == "cuda" else ((4096, 4096),)
     ms = tuple(int(m) for m in args.ms.split(",")) if args.ms else ms
     repeats = args.repeats or repeats
@@ -410,8 +453,15 @@ def main(argv: list[str] | None = None) -> None:
     print("(medians of alternated runs in one process; on a shared machine compare the ratios, not the ms)\n")
 
     rows = layer_rows(dtypes, ms, shapes, device, repeats, rotate, stream)
-    columns = ["dtype", "in", "out", "M", "impl", "path", "ms", "vs_dense", "weight_GBps", "pct_stream"]
-    print(format_table(rows, columns))
+    if args.verbose:
+        columns = ["dtype", "in", "out", "M", "impl", "path", "ms", "vs_dense", "weight_GBps", "pct_stream"]
+        print(format_table(rows, columns) + "\n")
+    summary = summary_rows(rows)
+    peers = [p for p in PEERS if any(p in line for line in summary)]
+    print("One layer, speed relative to nn.Linear of the same dtype (> 1: faster); w8a16's path and % of stream:")
+    print(format_table(summary, ["dtype", "shape", "M", "dense_ms", "seed-naive", "w8a16", *peers, "path",
+                                 "pct_stream"]))
+    drows = []
     if not args.no_model:
         print()
         drows = decode_rows(config, new_tokens=tokens, repeats=2 if args.quick else 5, device=device,
@@ -421,6 +471,9 @@ def main(argv: list[str] | None = None) -> None:
         print()
         detr = detr_rows(DETR_TINY, (64, 80), repeats=2) if args.quick else detr_rows(repeats=repeats, device=device)
         print(format_table(detr, ["model", "dtype", "impl", "ms", "vs_float", "MB"]))
+    if not args.quick:  # the targets are for the full-size shapes and model
+        print("\nTargets (medians of this run):")
+        print(format_table(target_rows(rows, drows), ["target", "value", "goal", "met"]))
 
 
 if __name__ == "__main__":
