@@ -84,6 +84,8 @@ def assert_within_fp32_rounding(y: torch.Tensor, x, w, s, b) -> None:
     bound = (w.shape[1] + 3) * 2.0**-24 * magnitude
     if y.dtype == torch.bfloat16:
         bound = bound + 2.0**-8 * (ref.abs() + bound)
+    elif y.dtype == torch.float16:  # half an ulp, and half the smallest subnormal
+        bound = bound + 2.0**-11 * (ref.abs() + bound) + 2.0**-25
     error = (y.double() - ref).abs()
     assert y.dtype == x.dtype and y.shape == ref.shape
     assert bool((error <= bound + 1e-30).all()), f"max excess {(error - bound).max().item():.3g}"
@@ -372,8 +374,8 @@ SHAPES = [(1, 1), (3, 7), (5, 17), (9, 33), (13, 100), (6, 257), (37, 47), (8, 1
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("params_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("params_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_variant_is_within_fp32_rounding(variant, x_dtype, params_dtype, bias):
     torch.manual_seed(1)
     for i, m in enumerate(range(1, 34)):
@@ -388,11 +390,11 @@ def test_every_variant_is_within_fp32_rounding(variant, x_dtype, params_dtype, b
 
 
 def test_every_variant_on_a_wide_layer(variant):
-    """4096-wide rows at M=1 and M=5: the main loops, prefetching and the odd last rows, in both dtypes."""
+    """4096-wide rows at M=1 and M=5: the main loops, prefetching and the odd last rows, in every dtype."""
     torch.manual_seed(2)
     w = torch.randint(-128, 128, (75, 4099), dtype=torch.int8)
     s, b = torch.rand(75) / 50, torch.randn(75)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for m in (1, 5):
             x = torch.randn(m, 4099).to(dtype)
             assert_within_fp32_rounding(native.gemv(x, w, s.to(dtype), b.to(dtype)), x, w, s.to(dtype), b.to(dtype))
@@ -416,3 +418,28 @@ def test_variants_agree_with_each_other_closely():
     for name, y in outs.items():
         scale = outs["scalar"].abs().max().item()
         torch.testing.assert_close(y, outs["scalar"], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+def test_fp16_widening_and_rounding_are_exact(variant):
+    """fp16 in and out, bit for bit against PyTorch: every fp16 value through x (widened, times 1, rounded back:
+    itself, subnormals and inf included) and fp32 values through the scales onto fp16 y (round to nearest even,
+    ties and overflow to inf as ``.half()``)."""
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    finite_or_inf = every[~every.isnan()]
+    one_w, one_s = torch.ones(1, 1, dtype=torch.int8), torch.ones(1)
+    y = native.gemv(finite_or_inf[:, None], one_w, one_s, None)
+    assert y.dtype == torch.float16 and torch.equal(y[:, 0], finite_or_inf)  # (-0 comes back as 0: 0 + -0 * 1)
+    assert native.gemv(every[every.isnan()][:4, None], one_w, one_s, None).isnan().all()
+
+    torch.manual_seed(4)
+    halves = finite_or_inf[finite_or_inf.isfinite()].float()
+    ties = (halves[:-1] + halves[1:]) / 2  # exactly between two fp16 neighbours (or their overflow)
+    values = torch.cat([
+        ties, ties.nextafter(torch.tensor(float("inf"))), ties.nextafter(torch.tensor(-float("inf"))),
+        torch.randn(20000) * 2.0 ** torch.randint(-30, 20, (20000,)).float(),
+        torch.tensor([65504.0, 65519.99, 65520.0, -65520.0, 1e30, 2.0**-25, 3 * 2.0**-26, 2.0**-26, 0.0, -0.0,
+                      float("inf"), -float("inf")]),
+    ])
+    x = torch.ones(1, 1, dtype=torch.float16)
+    y = native.gemv(x, torch.ones(values.numel(), 1, dtype=torch.int8), values, None)  # y = fp16(1 * 1 * value)
+    assert torch.equal(y[0].view(torch.int16), values.half().view(torch.int16))

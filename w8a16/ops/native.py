@@ -280,7 +280,8 @@ def _requested_simd() -> int:
 # Calling it
 # ---------------------------------------------------------------------------------------------------------------
 
-DTYPES = (torch.float32, torch.bfloat16)  # what the C code reads and writes; fp16 goes through fp32
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the C code reads and writes (fp32 inside)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # gemv.c's DT_*
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -292,7 +293,7 @@ def gemv(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tensor, bias
     """``x @ (int8_weights * scales[:, None]).T + bias`` for a CPU ``x`` of shape ``(m, k)``, in ``x.dtype``.
 
     Accumulates in fp32 and rounds once. Every argument is brought to exactly the layout the C code assumes
-    (int8 / fp32 / bf16, contiguous, right shapes, one dtype for scales and bias) before its pointer is taken:
+    (int8 / fp32 / bf16 / fp16, contiguous, right shapes, one dtype for scales and bias) before its pointer is taken:
     the kernel itself checks nothing.
     """
     lib = library()
@@ -315,7 +316,7 @@ def gemv(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tensor, bias
         b = _as(b, params_dtype)
     y = torch.empty(xc.shape[0], n, dtype=io_dtype)
     pointers = w.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr()
-    _call(lib, pointers, xc, y, n, k, params_dtype == torch.bfloat16)
+    _call(lib, pointers, xc, y, n, k, DTYPE_CODES[params_dtype])
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -326,15 +327,15 @@ SERIAL_BELOW = 1 << 18
 
 
 def _call(lib: ctypes.CDLL, pointers: tuple[int, int, int], x: torch.Tensor, y: torch.Tensor, n: int, k: int,
-          params_bf16: bool) -> None:
+          params_code: int) -> None:
     """The C call itself, on tensors already checked to be in its contract (``pointers``: weight, scales, bias;
-    0 for no bias)."""
+    0 for no bias; ``params_code``: their `DTYPE_CODES`; y has x's dtype)."""
     weights, scales, bias = pointers
-    bf16 = x.dtype == torch.bfloat16
+    code = DTYPE_CODES[x.dtype]
     m = x.numel() // k
     threads = 1 if m * n * k < SERIAL_BELOW else torch.get_num_threads()
-    status = lib.w8a16_gemv(weights, x.data_ptr(), scales, bias, y.data_ptr(), m, n, k, threads, bf16, params_bf16,
-                            bf16)
+    status = lib.w8a16_gemv(weights, x.data_ptr(), scales, bias, y.data_ptr(), m, n, k, threads, code, params_code,
+                            code)
     if status < 0:
         raise MemoryError("native gemv: could not allocate the widened activations")
 
@@ -344,13 +345,13 @@ class PreparedWeights:
 
     Why: at decode the C call itself is ~8 µs, while `gemv`'s checks and conversions cost several times that
     on every call (80 layers per CodeGen-350M token). A layer whose int8 weight is contiguous and whose scales
-    and bias are contiguous fp32 or bf16 of one dtype needs no conversion, so all that is left to check per
+    and bias are contiguous fp32, bf16 or fp16 of one dtype needs no conversion, so all that is left to check per
     call is the activation (`run`) and that these are still the layer's tensors (`is_for`).
 
     It holds the tensors themselves, never copies: values changed in place (``load_state_dict``) are seen.
     """
 
-    __slots__ = ("weights", "scales", "bias", "shape", "pointers", "params_bf16")
+    __slots__ = ("weights", "scales", "bias", "shape", "pointers", "params_code")
 
     def __init__(self, int8_weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         n, k = int8_weights.shape
@@ -363,11 +364,11 @@ class PreparedWeights:
             and scales.dtype in DTYPES
             and all(t.device.type == "cpu" for t in (int8_weights, *params))
         ):
-            raise ValueError("PreparedWeights: needs a non-empty contiguous CPU int8 weight and (out,) fp32/bf16 scales/bias")
+            raise ValueError("PreparedWeights: needs a non-empty contiguous CPU int8 weight and (out,) fp32/bf16/fp16 scales/bias")
         self.weights, self.scales, self.bias = int8_weights, scales, bias
         self.shape = int8_weights.shape
         self.pointers = self._pointers(int8_weights, scales, bias)
-        self.params_bf16 = scales.dtype == torch.bfloat16
+        self.params_code = DTYPE_CODES[scales.dtype]
 
     @staticmethod
     def _pointers(w: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> tuple[int, int, int]:
@@ -395,5 +396,5 @@ class PreparedWeights:
         lib = library()
         if lib is None:
             return None
-        _call(lib, self.pointers, x, y, n, k, self.params_bf16)
+        _call(lib, self.pointers, x, y, n, k, self.params_code)
         return y
