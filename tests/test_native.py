@@ -314,7 +314,9 @@ def test_simd_is_the_widest_this_cpu_has():
     flags = cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo to compare with")
-    if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= flags:
+    if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "avx512_bf16"} <= flags:
+        expected = "avx512bf16"  # (a compiler older than GCC/clang 11 builds without it: "avx512")
+    elif {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= flags:
         expected = "avx512"
     elif {"avx2", "fma"} <= flags:
         expected = "avx2"
@@ -390,12 +392,13 @@ def test_every_variant_is_within_fp32_rounding(variant, x_dtype, params_dtype, b
 
 
 def test_every_variant_on_a_wide_layer(variant):
-    """4096-wide rows at M=1 and M=5: the main loops, prefetching and the odd last rows, in every dtype."""
+    """4096-wide rows at M=1, 5 and 11: the main loops, prefetching and the odd last rows, in every dtype (bf16
+    from 2 rows: the bf16 dot product where the CPU has it)."""
     torch.manual_seed(2)
     w = torch.randint(-128, 128, (75, 4099), dtype=torch.int8)
     s, b = torch.rand(75) / 50, torch.randn(75)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for m in (1, 5):
+        for m in (1, 5, 11):
             x = torch.randn(m, 4099).to(dtype)
             assert_within_fp32_rounding(native.gemv(x, w, s.to(dtype), b.to(dtype)), x, w, s.to(dtype), b.to(dtype))
 
@@ -407,17 +410,19 @@ def test_variants_agree_with_each_other_closely():
     before = native._state["simd"]
     torch.manual_seed(3)
     w = torch.randint(-128, 128, (64, 999), dtype=torch.int8)
-    s, x = torch.rand(64) / 50, torch.randn(7, 999)
-    try:
-        outs = {}
-        for name in variants:
-            native.select_simd(name)
-            outs[name] = native.gemv(x, w, s, None)
-    finally:
-        native.select_simd(before)
-    for name, y in outs.items():
+    s = torch.rand(64) / 50
+    for x in (torch.randn(7, 999), torch.randn(9, 999).bfloat16()):  # bf16 from 2 rows: the bf16 dot product
+        try:
+            outs = {}
+            for name in variants:
+                native.select_simd(name)
+                outs[name] = native.gemv(x, w, s, None).float()
+        finally:
+            native.select_simd(before)
         scale = outs["scalar"].abs().max().item()
-        torch.testing.assert_close(y, outs["scalar"], rtol=1e-5, atol=1e-5 * scale, msg=name)
+        rtol = 1e-5 if x.dtype == torch.float32 else 2**-8  # bf16 y: one rounding apart at most
+        for name, y in outs.items():
+            torch.testing.assert_close(y, outs["scalar"], rtol=rtol, atol=rtol * scale, msg=name)
 
 
 def test_fp16_widening_and_rounding_are_exact(variant):

@@ -8,9 +8,10 @@ Why it is built the way it is (each point was a bug):
 
 * Portable build, run-time dispatch. It is compiled for the compiler's baseline ISA, never ``-march=native``:
   the cache may be shared by machines with other CPUs, and a native build there dies of SIGILL. The SIMD
-  variants (AVX2, AVX-512) are compiled with per-function target attributes and the library picks the widest
-  this CPU runs (`simd`); ``W8A16_NATIVE_SIMD=scalar|avx2|avx512`` caps it. Elsewhere (arm64 for now) it is
-  a scalar loop, slower than PyTorch's kernels: `simd` is then None and the dispatcher does not prefer it.
+  variants (AVX2, AVX-512, AVX-512 with bf16 dot products) are compiled with per-function target attributes and
+  the library picks the widest this CPU runs (`simd`); ``W8A16_NATIVE_SIMD=scalar|avx2|avx512|avx512bf16``
+  caps it. Elsewhere (arm64 for now) it is a scalar loop, slower than PyTorch's kernels: `simd` is then None and
+  the dispatcher does not prefer it.
 * The cache key is everything the binary depends on: source, flags, the compiler's command and ``--version``,
   and the machine architecture.
 * A cached library is verified before it is loaded: a sidecar ``.json`` records its sha256 at build time, and
@@ -48,7 +49,7 @@ import torch
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
 FLAGS = ["-O3", "-shared", "-fPIC"]  # baseline ISA on purpose: the SIMD variants are chosen at run time
 OPENMP_FLAGS = ["-fopenmp"]  # tried first; the library is built without them where the compiler refuses
-SIMD_LEVELS = ("scalar", "avx2", "avx512")  # index = the C library's SIMD_* value
+SIMD_LEVELS = ("scalar", "avx2", "avx512", "avx512bf16")  # index = the C library's SIMD_* value
 BUILD_TIMEOUT_S = 120
 
 _lock = threading.Lock()
@@ -81,7 +82,7 @@ def unavailable_reason() -> str | None:
 
 
 def simd() -> str | None:
-    """The instruction set the kernel runs on this CPU (``"avx512"``, ``"avx2"``), or None where it is a scalar
+    """The instruction set the kernel runs on this CPU (``"avx512bf16"``, ``"avx512"``, ``"avx2"``), or None where it is a scalar
     loop or not available: then PyTorch's kernels are faster."""
     if library() is None:
         return None
