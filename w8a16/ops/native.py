@@ -82,8 +82,8 @@ def unavailable_reason() -> str | None:
 
 
 def simd() -> str | None:
-    """The instruction set the kernel runs on this CPU (``"avx512bf16"``, ``"avx512"``, ``"avx2"``), or None where it is a scalar
-    loop or not available: then PyTorch's kernels are faster."""
+    """The instruction set the kernel runs on this CPU (``"avx512bf16"``, ``"avx512"``, ``"avx2"``), or None where
+    it is a scalar loop or not available: then PyTorch's kernels are faster."""
     if library() is None:
         return None
     level = _state.get("simd")
