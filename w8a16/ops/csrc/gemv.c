@@ -106,9 +106,9 @@ static inline float load_value(const void *p, int64_t i, int dtype) {
 enum { MAX_TILE = 8 };  /* most rows of x in one tile (AVX-512; the others take 4) */
 
 /* One variant's inner kernels. dot4: four consecutive weight rows (row stride k) against one row of x, with
- * ``next`` (the next block of rows, or NULL) to prefetch. tile2: two weight rows against ``rows`` ≤ 4 rows of x
- * (row stride ldx), out[j][r] = w_j · x_r, with ``rows`` at most the variant's ``tile``. tile2_bf16 (or
- * NULL): as tile2 on bf16 x as it is, for M >= BF16_DP_MIN_M. */
+ * ``next`` (the next block of rows, or NULL) to prefetch. tile2: two weight rows against ``rows`` ≤ ``tile``
+ * rows of x (row stride ldx), out[j][r] = w_j · x_r. tile2_bf16 (or NULL): as tile2 on bf16 x as it is, for
+ * M >= BF16_DP_MIN_M. */
 typedef struct {
     int lanes, tile;
     void (*dot4)(const int8_t *w, int64_t k, const float *x, float out[4], const int8_t *next);
