@@ -7,8 +7,9 @@
 ``native``
     A short C kernel (``ops/csrc/gemv.c``, built on first use by `native`) that converts int8 to fp32 in registers
     and accumulates in fp32: the weights are read once, as int8. At M=1 (decode) it streams them at memory
-    speed; for a few rows of x it converts each weight once for four rows. Used up to `NATIVE_MAX_M` rows, on a
-    CPU where the library runs a SIMD variant (a scalar C loop loses to PyTorch's kernels).
+    speed; for a few rows of x it converts each weight once for four (AVX2) or eight (AVX-512) rows, and bf16 x
+    goes through the bf16 dot product where the CPU has one. Used up to `NATIVE_MAX_M` rows, on a CPU where the
+    library runs a SIMD variant (a scalar C loop loses to PyTorch's kernels).
 ``triton``
     The GPU counterpart of ``native`` (`gpu`): reads the int8 weight once for up to `gpu.MAX_M` rows of x on
     CUDA; checked against the reference on first use on each device and dtype, switched off there if it fails.
