@@ -449,3 +449,21 @@ def test_fp16_widening_and_rounding_are_exact(variant):
     x = torch.ones(1, 1, dtype=torch.float16)
     y = native.gemv(x, torch.ones(values.numel(), 1, dtype=torch.int8), values, None)  # y = fp16(1 * 1 * value)
     assert torch.equal(y[0].view(torch.int16), values.half().view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_variant_overflows_to_inf_and_keeps_subnormal_inputs_within_rounding(variant, dtype):
+    """Rows of x at the top of the dtype's range give ±inf, never NaN, as nn.Linear; rows of subnormals (which the
+    bf16 dot product counts as zero) stay within fp32 rounding of the exact answer. At M=1, 2 and 9: every path."""
+    torch.manual_seed(5)
+    info = torch.finfo(dtype)
+    w = torch.randint(1, 128, (6, 70), dtype=torch.int8)
+    s = torch.rand(6) / 50 + 0.01
+    for m in (1, 2, 9):
+        x = torch.full((m, 70), info.max / 4).to(dtype)  # sums far beyond the output dtype
+        x[1::2] = -x[1::2]
+        y = native.gemv(x, w, s, None)
+        assert not y.isnan().any() and y.isinf().all() and (y[0] > 0).all() and (y[1:2] < 0).all()
+        tiny = (torch.rand(m, 70) * info.tiny * 0.9).to(dtype)  # subnormals (and some zeros)
+        tiny[:, :3] = 1.0  # a normal part next to them
+        assert_within_fp32_rounding(native.gemv(tiny, w, s, None), tiny, w, s, None)
