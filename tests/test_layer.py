@@ -184,7 +184,7 @@ def decode_layer(dtype=torch.bfloat16, bias=True, in_features=100, out_features=
 @native_only
 @pytest.mark.parametrize("leading", [(), (1,), (1, 1), (3,), (2, 4)])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_decode_step_is_bit_identical_to_the_native_path(dtype, bias, leading):
     from w8a16.ops import w8a16_linear
 
@@ -207,7 +207,7 @@ def test_decode_step_hands_everything_else_to_the_checked_path():
     layer(torch.randn(1, 100, dtype=torch.bfloat16))
     assert layer._prepared is not None
     others = {
-        "fp16": torch.randn(1, 100, dtype=torch.float16),
+        "fp64": torch.randn(1, 100, dtype=torch.float64),
         "non-contiguous": torch.randn(100, 2, dtype=torch.bfloat16).t()[:1],
         "prefill": torch.randn(dispatch.NATIVE_MAX_M + 1, 100, dtype=torch.bfloat16),
         "empty": torch.randn(0, 100, dtype=torch.bfloat16),
@@ -289,11 +289,12 @@ def test_decode_step_steps_aside_when_the_kernel_goes_away(monkeypatch):
 
 
 @native_only
-def test_fp16_layers_take_the_general_native_path_without_a_prepared_copy():
+def test_fp16_layers_take_the_decode_step_too():
     layer = decode_layer(torch.float16)
     x = torch.randn(1, 100, dtype=torch.float16)
     out = layer(x)
-    assert layer._prepared is None  # fp16 scales need converting for the C kernel: no prepared weights to reuse
+    assert layer._prepared is not None  # the C kernel reads fp16 x, scales and bias as they are
+    assert layer._decode_step(x) is not None and torch.equal(layer(x), out)
     ref = x.double() @ layer.dequantized_weight(torch.float64).T + layer.bias.double()
     assert torch.allclose(out.double(), ref, rtol=5e-3, atol=5e-3 * float(ref.abs().max()))
 

@@ -85,6 +85,8 @@ def assert_within_fp32_rounding(y: torch.Tensor, x, w, s, b) -> None:
     bound = (w.shape[1] + 3) * 2.0**-24 * magnitude
     if y.dtype == torch.bfloat16:
         bound = bound + 2.0**-8 * (ref.abs() + bound)
+    elif y.dtype == torch.float16:  # half an ulp, and half the smallest subnormal
+        bound = bound + 2.0**-11 * (ref.abs() + bound) + 2.0**-25
     error = (y.double() - ref).abs()
     assert y.dtype == x.dtype and y.shape == ref.shape
     assert bool((error <= bound + 1e-30).all()), f"max excess {(error - bound).max().item():.3g}"
@@ -318,7 +320,9 @@ def test_simd_is_the_widest_this_cpu_has():
     flags = cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo to compare with")
-    if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= flags:
+    if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "avx512_bf16"} <= flags:
+        expected = "avx512bf16"  # (a compiler older than GCC/clang 11 builds without it: "avx512")
+    elif {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= flags:
         expected = "avx512"
     elif {"avx2", "fma"} <= flags:
         expected = "avx2"
@@ -330,15 +334,16 @@ def test_simd_is_the_widest_this_cpu_has():
 
 
 @needs_compiler
-@pytest.mark.parametrize("level", ["scalar", "avx2"])
+@pytest.mark.parametrize("level", ["scalar", "avx2", "avx512"])
 def test_w8a16_native_simd_caps_the_variant(built_cache, tmp_path, level):
     shutil.copytree(built_cache, tmp_path, dirs_exist_ok=True)
     out = run_python(CHECK_SCRIPT, tmp_path, W8A16_NATIVE_SIMD=level)
     assert out["ok"] and out["info"]["available"], out
     if level == "scalar":
         assert out["info"]["simd"] is None  # built and loaded, but reported as not vectorised
-    else:
-        assert out["info"]["simd"] in ("avx2", None)  # capped at AVX2, or scalar on a CPU without it
+    else:  # capped there, or lower on a CPU without it
+        allowed = native.SIMD_LEVELS[1 : native.SIMD_LEVELS.index(level) + 1]
+        assert out["info"]["simd"] in (*allowed, None)
 
 
 @needs_compiler
@@ -378,8 +383,8 @@ SHAPES = [(1, 1), (3, 7), (5, 17), (9, 33), (13, 100), (6, 257), (37, 47), (8, 1
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("params_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("params_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_variant_is_within_fp32_rounding(variant, x_dtype, params_dtype, bias):
     torch.manual_seed(1)
     for i, m in enumerate(range(1, 34)):
@@ -394,12 +399,13 @@ def test_every_variant_is_within_fp32_rounding(variant, x_dtype, params_dtype, b
 
 
 def test_every_variant_on_a_wide_layer(variant):
-    """4096-wide rows at M=1 and M=5: the main loops, prefetching and the odd last rows, in both dtypes."""
+    """4096-wide rows at M=1, 5 and 11: the main loops, prefetching and the odd last rows, in every dtype (bf16
+    from 2 rows: the bf16 dot product where the CPU has it)."""
     torch.manual_seed(2)
     w = torch.randint(-128, 128, (75, 4099), dtype=torch.int8)
     s, b = torch.rand(75) / 50, torch.randn(75)
-    for dtype in (torch.float32, torch.bfloat16):
-        for m in (1, 5):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for m in (1, 5, 11):
             x = torch.randn(m, 4099).to(dtype)
             assert_within_fp32_rounding(native.gemv(x, w, s.to(dtype), b.to(dtype)), x, w, s.to(dtype), b.to(dtype))
 
@@ -411,17 +417,62 @@ def test_variants_agree_with_each_other_closely():
     before = native._state["simd"]
     torch.manual_seed(3)
     w = torch.randint(-128, 128, (64, 999), dtype=torch.int8)
-    s, x = torch.rand(64) / 50, torch.randn(7, 999)
-    try:
-        outs = {}
-        for name in variants:
-            native.select_simd(name)
-            outs[name] = native.gemv(x, w, s, None)
-    finally:
-        native.select_simd(before)
-    for name, y in outs.items():
+    s = torch.rand(64) / 50
+    for x in (torch.randn(7, 999), torch.randn(9, 999).bfloat16()):  # bf16 from 2 rows: the bf16 dot product
+        try:
+            outs = {}
+            for name in variants:
+                native.select_simd(name)
+                outs[name] = native.gemv(x, w, s, None).float()
+        finally:
+            native.select_simd(before)
         scale = outs["scalar"].abs().max().item()
-        torch.testing.assert_close(y, outs["scalar"], rtol=1e-5, atol=1e-5 * scale, msg=name)
+        rtol = 1e-5 if x.dtype == torch.float32 else 2**-8  # bf16 y: one rounding apart at most
+        for name, y in outs.items():
+            torch.testing.assert_close(y, outs["scalar"], rtol=rtol, atol=rtol * scale, msg=name)
+
+
+def test_fp16_widening_and_rounding_are_exact(variant):
+    """fp16 in and out, bit for bit against PyTorch: every fp16 value through x (widened, times 1, rounded back:
+    itself, subnormals and inf included) and fp32 values through the scales onto fp16 y (round to nearest even,
+    ties and overflow to inf as ``.half()``)."""
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    finite_or_inf = every[~every.isnan()]
+    one_w, one_s = torch.ones(1, 1, dtype=torch.int8), torch.ones(1)
+    y = native.gemv(finite_or_inf[:, None], one_w, one_s, None)
+    assert y.dtype == torch.float16 and torch.equal(y[:, 0], finite_or_inf)  # (-0 comes back as 0: 0 + -0 * 1)
+    assert native.gemv(every[every.isnan()][:4, None], one_w, one_s, None).isnan().all()
+
+    torch.manual_seed(4)
+    halves = finite_or_inf[finite_or_inf.isfinite()].float()
+    ties = (halves[:-1] + halves[1:]) / 2  # exactly between two fp16 neighbours (or their overflow)
+    values = torch.cat([
+        ties, ties.nextafter(torch.tensor(float("inf"))), ties.nextafter(torch.tensor(-float("inf"))),
+        torch.randn(20000) * 2.0 ** torch.randint(-30, 20, (20000,)).float(),
+        torch.tensor([65504.0, 65519.99, 65520.0, -65520.0, 1e30, 2.0**-25, 3 * 2.0**-26, 2.0**-26, 0.0, -0.0,
+                      float("inf"), -float("inf")]),
+    ])
+    x = torch.ones(1, 1, dtype=torch.float16)
+    y = native.gemv(x, torch.ones(values.numel(), 1, dtype=torch.int8), values, None)  # y = fp16(1 * 1 * value)
+    assert torch.equal(y[0].view(torch.int16), values.half().view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_variant_overflows_to_inf_and_keeps_subnormal_inputs_within_rounding(variant, dtype):
+    """Rows of x at the top of the dtype's range give ±inf, never NaN, as nn.Linear; rows of subnormals (which the
+    bf16 dot product counts as zero) stay within fp32 rounding of the exact answer. At M=1, 2 and 9: every path."""
+    torch.manual_seed(5)
+    info = torch.finfo(dtype)
+    w = torch.randint(1, 128, (6, 70), dtype=torch.int8)
+    s = torch.rand(6) / 50 + 0.01
+    for m in (1, 2, 9):
+        x = torch.full((m, 70), info.max / 4).to(dtype)  # sums far beyond the output dtype
+        x[1::2] = -x[1::2]
+        y = native.gemv(x, w, s, None)
+        assert not y.isnan().any() and y.isinf().all() and (y[0] > 0).all() and (y[1:2] < 0).all()
+        tiny = (torch.rand(m, 70) * info.tiny * 0.9).to(dtype)  # subnormals (and some zeros)
+        tiny[:, :3] = 1.0  # a normal part next to them
+        assert_within_fp32_rounding(native.gemv(tiny, w, s, None), tiny, w, s, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -459,14 +510,14 @@ def test_bf16_gemm_serves_bf16_at_every_batch_and_overflows_to_inf():
 
 
 @needs_bf16_dot
-def test_bf16_gemm_is_off_below_avx512_and_the_gemv_answers():
+def test_bf16_gemm_is_off_below_the_avx512bf16_level_and_the_gemv_answers():
     before = native._state["simd"]
     torch.manual_seed(5)
     w, s = torch.randint(-127, 128, (24, 300), dtype=torch.int8), torch.rand(24) / 50
     x = torch.randn(20, 300).bfloat16()
     try:
         with_dot = native.gemv(x, w, s, None)
-        native.select_simd("avx2")
+        native.select_simd("avx512")
         assert not native.bf16_dot() and native.info()["bf16_dot"] is False
         without = native.gemv(x, w, s, None)
         assert ops.choose_path(torch.randn(64, 300).bfloat16(), w, s) != "native"  # the tiles again past 32 rows

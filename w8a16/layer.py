@@ -254,7 +254,7 @@ class W8A16LinearLayer(nn.Module):
         if "bias" in self._buffers and x.dtype in native.DTYPES and ops.dispatch.native_supported(x, w, s):
             try:
                 self.__dict__["_prepared"] = native.PreparedWeights(w, s, self._buffers["bias"])
-            except ValueError:  # e.g. fp16 scales or a bias of another dtype: the op converts them on every call
+            except ValueError:  # e.g. a bias of another dtype than the scales: the op converts them on every call
                 pass
 
     def _forget_prepared(self) -> None:

@@ -7,11 +7,12 @@
 ``native``
     A short C kernel (``ops/csrc/gemv.c``, built on first use by `native`) that converts int8 to fp32 in registers
     and accumulates in fp32: the weights are read once, as int8. At M=1 (decode) it streams them at memory
-    speed; for a few rows of x it converts each weight once for four rows. Used up to `NATIVE_MAX_M` rows, on a
-    CPU where the library runs a SIMD variant (a scalar C loop loses to PyTorch's kernels). For bf16 x from
-    `native.BF16_DOT_MIN_M` rows on, at any batch, on CPUs with AVX512-BF16 (``csrc/gemm_bf16.c``): int8 widened
-    to bf16 and multiplied with VDPBF16PS, twice the multiply-adds per instruction of fp32 FMAs, which is what
-    PyTorch's dense bf16 matmul uses there.
+    speed; for a few rows of x it converts each weight once for four (AVX2) or eight (AVX-512) rows, and bf16 x
+    goes through the bf16 dot product (VDPBF16PS) where the CPU has one. Used up to `NATIVE_MAX_M` rows, on a CPU
+    where the library runs a SIMD variant (a scalar C loop loses to PyTorch's kernels). For bf16 x from
+    `native.BF16_DOT_MIN_M` rows on, at any batch, on CPUs with AVX512-BF16, a GEMM (``csrc/gemm_bf16.c``): int8
+    widened to bf16 and multiplied with VDPBF16PS 16 rows of x at a time — the instruction PyTorch's dense bf16
+    matmul uses there, at twice the multiply-adds of fp32 FMAs.
 ``triton``
     The GPU path (`gpu`), for every batch size on CUDA: a Triton matmul that reads int8 weight tiles, widens them
     in registers and multiplies on the tensor cores; checked against the reference on first use on each device

@@ -8,9 +8,10 @@ Why it is built the way it is (each point was a bug):
 
 * Portable build, run-time dispatch. It is compiled for the compiler's baseline ISA, never ``-march=native``:
   the cache may be shared by machines with other CPUs, and a native build there dies of SIGILL. The SIMD
-  variants (AVX2, AVX-512) are compiled with per-function target attributes and the library picks the widest
-  this CPU runs (`simd`); ``W8A16_NATIVE_SIMD=scalar|avx2|avx512`` caps it. Elsewhere (arm64 for now) it is
-  a scalar loop, slower than PyTorch's kernels: `simd` is then None and the dispatcher does not prefer it.
+  variants (AVX2, AVX-512, AVX-512 with bf16 dot products) are compiled with per-function target attributes and
+  the library picks the widest this CPU runs (`simd`); ``W8A16_NATIVE_SIMD=scalar|avx2|avx512|avx512bf16``
+  caps it. Elsewhere (arm64 for now) it is a scalar loop, slower than PyTorch's kernels: `simd` is then None and
+  the dispatcher does not prefer it.
 * The cache key is everything the binary depends on: source, flags, the compiler's command and ``--version``,
   and the machine architecture.
 * A cached library is verified before it is loaded: a sidecar ``.json`` records its sha256 at build time, and
@@ -51,7 +52,7 @@ SOURCES = (SOURCE, SOURCE.with_name("gemm_bf16.c"))
 BF16_DOT_MIN_M = 16  # rows of bf16 x from which `gemm_bf16` beats the GEMV (it computes 16 rows at a time)
 FLAGS = ["-O3", "-shared", "-fPIC"]  # baseline ISA on purpose: the SIMD variants are chosen at run time
 OPENMP_FLAGS = ["-fopenmp"]  # tried first; the library is built without them where the compiler refuses
-SIMD_LEVELS = ("scalar", "avx2", "avx512")  # index = the C library's SIMD_* value
+SIMD_LEVELS = ("scalar", "avx2", "avx512", "avx512bf16")  # index = the C library's SIMD_* value
 BUILD_TIMEOUT_S = 120
 
 _lock = threading.Lock()
@@ -84,8 +85,8 @@ def unavailable_reason() -> str | None:
 
 
 def simd() -> str | None:
-    """The instruction set the kernel runs on this CPU (``"avx512"``, ``"avx2"``), or None where it is a scalar
-    loop or not available: then PyTorch's kernels are faster."""
+    """The instruction set the kernel runs on this CPU (``"avx512bf16"``, ``"avx512"``, ``"avx2"``), or None where
+    it is a scalar loop or not available: then PyTorch's kernels are faster."""
     if library() is None:
         return None
     level = _state.get("simd")
@@ -93,9 +94,9 @@ def simd() -> str | None:
 
 
 def bf16_dot() -> bool:
-    """Whether `gemm_bf16` runs here: the library is built, this CPU has AVX512-BF16, and the AVX-512 variant is
-    in use (``W8A16_NATIVE_SIMD=avx2`` or lower switches it off too)."""
-    return library() is not None and _state.get("simd") == "avx512" and bool(_state.get("bf16_dot_cpu"))
+    """Whether the bf16 GEMM (``csrc/gemm_bf16.c``) runs here: the library is built, this CPU has AVX512-BF16, and
+    the ``avx512bf16`` level is in use (``W8A16_NATIVE_SIMD=avx512`` or lower switches it off too)."""
+    return library() is not None and _state.get("simd") == "avx512bf16" and bool(_state.get("bf16_dot_cpu"))
 
 
 def select_simd(name: str | None) -> str:
@@ -296,7 +297,8 @@ def _requested_simd() -> int:
 # Calling it
 # ---------------------------------------------------------------------------------------------------------------
 
-DTYPES = (torch.float32, torch.bfloat16)  # what the C code reads and writes; fp16 goes through fp32
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the C code reads and writes (fp32 inside)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # gemv.c's DT_*
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -308,7 +310,7 @@ def gemv(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tensor, bias
     """``x @ (int8_weights * scales[:, None]).T + bias`` for a CPU ``x`` of shape ``(m, k)``, in ``x.dtype``.
 
     Accumulates in fp32 and rounds once. Every argument is brought to exactly the layout the C code assumes
-    (int8 / fp32 / bf16, contiguous, right shapes, one dtype for scales and bias) before its pointer is taken:
+    (int8 / fp32 / bf16 / fp16, contiguous, right shapes, one dtype for scales and bias) before its pointer is taken:
     the kernel itself checks nothing.
     """
     lib = library()
@@ -331,7 +333,7 @@ def gemv(x: torch.Tensor, int8_weights: torch.Tensor, scales: torch.Tensor, bias
         b = _as(b, params_dtype)
     y = torch.empty(xc.shape[0], n, dtype=io_dtype)
     pointers = w.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr()
-    _call(lib, pointers, xc, y, n, k, params_dtype == torch.bfloat16)
+    _call(lib, pointers, xc, y, n, k, DTYPE_CODES[params_dtype])
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -342,22 +344,23 @@ SERIAL_BELOW = 1 << 18
 
 
 def _call(lib: ctypes.CDLL, pointers: tuple[int, int, int], x: torch.Tensor, y: torch.Tensor, n: int, k: int,
-          params_bf16: bool) -> None:
+          params_code: int) -> None:
     """The C call itself, on tensors already checked to be in its contract (``pointers``: weight, scales, bias;
-    0 for no bias)."""
+    0 for no bias; ``params_code``: their `DTYPE_CODES`; y has x's dtype)."""
     weights, scales, bias = pointers
-    bf16 = x.dtype == torch.bfloat16
+    code = DTYPE_CODES[x.dtype]
     m = x.numel() // k
     threads = 1 if m * n * k < SERIAL_BELOW else torch.get_num_threads()
-    if bf16 and m >= BF16_DOT_MIN_M and bf16_dot():
-        # Enough rows to fill VDPBF16PS's 16 lanes: bf16 products at twice the rate of fp32 FMAs (gemm_bf16.c).
-        status = lib.w8a16_gemm_bf16(weights, x.data_ptr(), scales, bias, y.data_ptr(), m, n, k, threads, params_bf16)
+    if code == 1 and params_code != 2 and m >= BF16_DOT_MIN_M and bf16_dot():
+        # Enough rows to fill VDPBF16PS's 16 lanes with rows of x: the GEMM in gemm_bf16.c (fp32 or bf16 params).
+        status = lib.w8a16_gemm_bf16(weights, x.data_ptr(), scales, bias, y.data_ptr(), m, n, k, threads,
+                                     params_code == 1)
         if status == -2:
             raise MemoryError("native gemm_bf16: could not allocate the packed activations")
         if status == 0:
             return
-    status = lib.w8a16_gemv(weights, x.data_ptr(), scales, bias, y.data_ptr(), m, n, k, threads, bf16, params_bf16,
-                            bf16)
+    status = lib.w8a16_gemv(weights, x.data_ptr(), scales, bias, y.data_ptr(), m, n, k, threads, code, params_code,
+                            code)
     if status < 0:
         raise MemoryError("native gemv: could not allocate the widened activations")
 
@@ -367,13 +370,13 @@ class PreparedWeights:
 
     Why: at decode the C call itself is ~8 µs, while `gemv`'s checks and conversions cost several times that
     on every call (80 layers per CodeGen-350M token). A layer whose int8 weight is contiguous and whose scales
-    and bias are contiguous fp32 or bf16 of one dtype needs no conversion, so all that is left to check per
+    and bias are contiguous fp32, bf16 or fp16 of one dtype needs no conversion, so all that is left to check per
     call is the activation (`run`) and that these are still the layer's tensors (`is_for`).
 
     It holds the tensors themselves, never copies: values changed in place (``load_state_dict``) are seen.
     """
 
-    __slots__ = ("weights", "scales", "bias", "shape", "pointers", "params_bf16")
+    __slots__ = ("weights", "scales", "bias", "shape", "pointers", "params_code")
 
     def __init__(self, int8_weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         n, k = int8_weights.shape
@@ -386,11 +389,11 @@ class PreparedWeights:
             and scales.dtype in DTYPES
             and all(t.device.type == "cpu" for t in (int8_weights, *params))
         ):
-            raise ValueError("PreparedWeights: needs a non-empty contiguous CPU int8 weight and (out,) fp32/bf16 scales/bias")
+            raise ValueError("PreparedWeights: needs a non-empty contiguous CPU int8 weight and (out,) fp32/bf16/fp16 scales/bias")
         self.weights, self.scales, self.bias = int8_weights, scales, bias
         self.shape = int8_weights.shape
         self.pointers = self._pointers(int8_weights, scales, bias)
-        self.params_bf16 = scales.dtype == torch.bfloat16
+        self.params_code = DTYPE_CODES[scales.dtype]
 
     @staticmethod
     def _pointers(w: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> tuple[int, int, int]:
@@ -418,5 +421,5 @@ class PreparedWeights:
         lib = library()
         if lib is None:
             return None
-        _call(lib, self.pointers, x, y, n, k, self.params_bf16)
+        _call(lib, self.pointers, x, y, n, k, self.params_code)
         return y

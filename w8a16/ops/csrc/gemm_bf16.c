@@ -44,16 +44,19 @@ static inline uint16_t round_to_bf16(float f) {  /* round to nearest even, as Py
     return (uint16_t)(u >> 16);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 10)
+/* The same compilers as gemv.c's avx512bf16 level: GCC and clang 11 or newer know the intrinsics. */
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 11 : (defined(__GNUC__) && __GNUC__ >= 11))
+#include <cpuid.h>
 #include <immintrin.h>
-#define W8A16_HAVE_BF16_DOT 1
 #define TARGET_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
 
 /* Whether this CPU (and OS) can run the kernel: 1 or 0. */
 int w8a16_bf16_dot_supported(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-           && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+    if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")))
+        return 0;
+    unsigned a, b, c, d;  /* AVX512_BF16: CPUID leaf 7, subleaf 1, EAX bit 5 */
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
 }
 
 /* Weights q[0 .. len) of one row -> (len + 1) / 2 pairs of bf16 (an odd last one padded with 0). Exact: an
