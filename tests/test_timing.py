@@ -39,3 +39,11 @@ def test_synchronize_is_safe_everywhere(device):
     timing.synchronize(device)
     timing.synchronize()
     assert timing.time_once(lambda: None, device) >= 0
+
+
+def test_between_runs_untimed_before_every_timed_call():
+    calls = []
+    res = timing.compare({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=1,
+                         between=lambda: calls.append("-"))
+    assert calls == ["a", "b", "-", "a", "-", "b", "-", "a", "-", "b"]  # not before the warm-up calls
+    assert all(len(ts) == 2 for ts in res.times_s.values())

@@ -64,11 +64,14 @@ def compare(
     warmup: int = 2,
     device: torch.device | str | None = None,
     min_time_s: float = 0.0,
+    between: Callable[[], object] | None = None,
 ) -> Comparison:
     """Time every candidate ``repeats`` times, interleaved (A B C A B C ...), after ``warmup`` calls each.
 
     ``min_time_s`` adds rounds (beyond ``repeats``) until every candidate has run at least that long in total,
-    so that very fast calls still get enough samples for a stable median.
+    so that very fast calls still get enough samples for a stable median. ``between``, if given, runs untimed
+    before every timed call: for example reading a buffer larger than the cache, so that no candidate pays for
+    the cache state the previous one left (a large temporary it wrote must be written back to memory first).
     """
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be ≥ 1 and warmup ≥ 0")
@@ -80,6 +83,8 @@ def compare(
     rounds = 0
     while rounds < repeats or min(sum(ts) for ts in result.times_s.values()) < min_time_s:
         for name, fn in candidates.items():
+            if between is not None:
+                between()
             result.times_s[name].append(time_once(fn, device))
         rounds += 1
         if rounds >= 10 * repeats:
