@@ -85,3 +85,11 @@ def test_targets_are_checked_against_the_run():
         "bf16 64x32 M=1: ours / torchao": "NO", "fp32 64x32 M=64: vs dense": "yes",
         "decode w8a16 vs dense": "yes", "decode w8a16 (compiled) vs dense (compiled)": "NO",
     }
+
+
+def test_stream_read_is_measured_alongside_the_layers():
+    rows = bench.layer_rows(dtypes=("fp32",), ms=(1,), shapes=((64, 32),), repeats=1, rotate_bytes=1,
+                            third_party=False, measure_stream=True)
+    assert {r["impl"] for r in rows} == {"dense", "seed-naive", "w8a16"}  # the stream read is not a row
+    for r in rows:
+        assert r["stream_GBps"] > 0 and abs(r["pct_stream"] - 100 * r["weight_GBps"] / r["stream_GBps"]) < 1e-9

@@ -143,12 +143,15 @@ def layer_rows(
     rotate_bytes: int = ROTATE_BYTES,
     stream_gbps: float | None = None,
     third_party: bool = True,
+    measure_stream: bool = False,
 ) -> list[dict]:
     """One row per (shape, dtype, M, implementation): median ms, ratio vs dense, achieved weight bandwidth.
 
     ``shapes`` are ``(in_features, out_features)``. Bandwidth counts the weight bytes each implementation must
     read (dense: 2 or 4 bytes per weight; int8: 1 byte plus the scales); ``pct_stream`` compares it with
-    ``stream_gbps``, a measured read bandwidth.
+    ``stream_gbps``, a measured read bandwidth — or, with ``measure_stream``, with a read of 64 MiB timed in the
+    same alternated rounds as the candidates (``stream_GBps`` in each row): a shared host's memory bandwidth
+    moves from minute to minute (23 to 39 GB/s between two runs here), so only a reading taken alongside is fair.
     """
     device = torch.device(device)
     status = third_party_status() if third_party else {}
@@ -169,6 +172,8 @@ def layer_rows(
             # On a CPU, read 64 MiB (untimed) before every timed call: the seed's forward writes a dense weight
             # as large as that, and whichever candidate ran next paid for writing it back (+0.15 ms measured).
             scrub = torch.ones(16 << 20, device=device) if device.type == "cpu" else None
+            # The stream read's own buffer: 64 MiB on a CPU (twice a 32 MiB L3), 256 MiB past a GPU's L2.
+            stream_buf = torch.ones((16 if device.type == "cpu" else 64) << 20, device=device) if measure_stream else None
             for m in ms:
                 x = torch.randn(m, n_in, device=device).to(dtype)
                 turn = {"i": 0}
@@ -188,9 +193,13 @@ def layer_rows(
                     for label, mods in extra.items():
                         if not isinstance(mods, str):
                             cands[label] = rotating(lambda mod: mod(x), mods)
+                    if measure_stream:
+                        cands["stream"] = stream_buf.sum
                     res = compare(cands, repeats=repeats, warmup=1, device=device, min_time_s=0.2,
                                   between=None if scrub is None else scrub.sum)
                 med = res.median_s
+                if measure_stream:
+                    stream_gbps = stream_buf.numel() * 4 / med.pop("stream") / 1e9
                 path = ops.choose_path(x, layers[0].int8_weights, layers[0].scales, layers[0].bias)
                 for impl, secs in med.items():
                     dense_bytes = n_in * n_out * x.element_size()
@@ -201,6 +210,7 @@ def layer_rows(
                         "path": path if impl == "w8a16" else "", "ms": secs * 1e3,
                         "vs_dense": med["dense"] / secs, "weight_GBps": gbps,
                         "pct_stream": 100 * gbps / stream_gbps if stream_gbps else float("nan"),
+                        "stream_GBps": stream_gbps if stream_gbps else float("nan"),
                     })
                 for label, mods in extra.items():
                     if isinstance(mods, str):
@@ -452,20 +462,12 @@ def main(argv: list[str] | None = None) -> None:
           f"torch {info['torch']} | device {info['device']}" + (f" ({info['gpu']})" if info["gpu"] else ""))
     print(gpu_note(device))
     print("third-party: " + ", ".join(f"{k} {v}" for k, v in third_party_status().items()))
-    stream = stream_read_gbps(device, mib=32 if args.quick else 256)
-    print(f"measured stream-read bandwidth: {stream:.1f} GB/s")
     print("(medians of alternated runs in one process; on a shared machine compare the ratios, not the ms)\n")
 
-    rows = layer_rows(dtypes, ms, shapes, device, repeats, rotate, stream)
-    # Measured again after the layers, and the higher of the two kept: a host that was busy for the first
-    # measurement would otherwise make every fraction of it look better than it is.
-    stream_after = stream_read_gbps(device, mib=32 if args.quick else 256)
-    if stream_after > stream:
-        for r in rows:
-            r["pct_stream"] *= stream / stream_after
-        stream = stream_after
-    print(f"stream-read bandwidth measured again after the layers: {stream_after:.1f} GB/s; the fractions use "
-          f"{stream:.1f} GB/s, the higher\n")
+    rows = layer_rows(dtypes, ms, shapes, device, repeats, rotate, measure_stream=True)
+    streams = sorted({r["stream_GBps"] for r in rows})
+    print(f"stream-read bandwidth (a 64 MiB sum, timed alternately with each layer's candidates): "
+          f"{streams[0]:.1f} to {streams[-1]:.1f} GB/s; pct_stream uses the reading taken alongside\n")
     if args.verbose:
         columns = ["dtype", "in", "out", "M", "impl", "path", "ms", "vs_dense", "weight_GBps", "pct_stream"]
         print(format_table(rows, columns) + "\n")
