@@ -144,6 +144,7 @@ def layer_rows(
     stream_gbps: float | None = None,
     third_party: bool = True,
     measure_stream: bool = False,
+    scrub: bool = False,
 ) -> list[dict]:
     """One row per (shape, dtype, M, implementation): median ms, ratio vs dense, achieved weight bandwidth.
 
@@ -152,6 +153,10 @@ def layer_rows(
     ``stream_gbps``, a measured read bandwidth — or, with ``measure_stream``, with a read of 64 MiB timed in the
     same alternated rounds as the candidates (``stream_GBps`` in each row): a shared host's memory bandwidth
     moves from minute to minute (23 to 39 GB/s between two runs here), so only a reading taken alongside is fair.
+    ``scrub`` (on a CPU) reads 64 MiB untimed before every timed call, so that no candidate pays for the cache
+    state the previous one left: the seed's forward writes a dense weight as large as that, and whichever
+    candidate ran next paid for writing it back (+0.15 ms measured). Every call then starts from cold caches,
+    Python's objects included, which costs small layers most (a 1024×4096 layer: 0.3 → 0.8 ms dense bf16).
     """
     device = torch.device(device)
     status = third_party_status() if third_party else {}
@@ -169,9 +174,7 @@ def layer_rows(
                         extra[label] = [_third_party_layer(label, lin) for lin in linears]
                     except Exception as err:  # a changed third-party API must not break the benchmark
                         extra[label] = f"error: {type(err).__name__}: {err}"[:120]
-            # On a CPU, read 64 MiB (untimed) before every timed call: the seed's forward writes a dense weight
-            # as large as that, and whichever candidate ran next paid for writing it back (+0.15 ms measured).
-            scrub = torch.ones(16 << 20, device=device) if device.type == "cpu" else None
+            scrub_buf = torch.ones(16 << 20, device=device) if scrub and device.type == "cpu" else None
             # The stream read's own buffer: 64 MiB on a CPU (twice a 32 MiB L3), 256 MiB past a GPU's L2.
             stream_buf = torch.ones((16 if device.type == "cpu" else 64) << 20, device=device) if measure_stream else None
             for m in ms:
@@ -196,7 +199,7 @@ def layer_rows(
                     if measure_stream:
                         cands["stream"] = stream_buf.sum
                     res = compare(cands, repeats=repeats, warmup=1, device=device, min_time_s=0.2,
-                                  between=None if scrub is None else scrub.sum)
+                                  between=None if scrub_buf is None else scrub_buf.sum)
                 med = res.median_s
                 if measure_stream:
                     stream_gbps = stream_buf.numel() * 4 / med.pop("stream") / 1e9
@@ -464,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     print("third-party: " + ", ".join(f"{k} {v}" for k, v in third_party_status().items()))
     print("(medians of alternated runs in one process; on a shared machine compare the ratios, not the ms)\n")
 
-    rows = layer_rows(dtypes, ms, shapes, device, repeats, rotate, measure_stream=True)
+    rows = layer_rows(dtypes, ms, shapes, device, repeats, rotate, measure_stream=True, scrub=True)
     streams = sorted({r["stream_GBps"] for r in rows})
     print(f"stream-read bandwidth (a 64 MiB sum, timed alternately with each layer's candidates): "
           f"{streams[0]:.1f} to {streams[-1]:.1f} GB/s; pct_stream uses the reading taken alongside\n")
