@@ -10,7 +10,7 @@
     speed; for a few rows of x it converts each weight once for four (AVX2) or eight (AVX-512) rows, and bf16 x
     goes through the bf16 dot product (VDPBF16PS) where the CPU has one. Used up to `NATIVE_MAX_M` rows, on a CPU
     where the library runs a SIMD variant (a scalar C loop loses to PyTorch's kernels). For bf16 x from
-    `native.BF16_DOT_MIN_M` rows on, at any batch, on CPUs with AVX512-BF16, a GEMM (``csrc/gemm_bf16.c``): int8
+    `native.BF16_DOT_MIN_M` rows on, at any batch, on CPUs with AVX512-BF16, a GEMM (the end of ``csrc/gemv.c``): int8
     widened to bf16 and multiplied with VDPBF16PS 16 rows of x at a time — the instruction PyTorch's dense bf16
     matmul uses there, at twice the multiply-adds of fp32 FMAs.
 ``triton``

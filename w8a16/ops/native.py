@@ -47,8 +47,6 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
-# The bf16 GEMM on VDPBF16PS (AVX512-BF16 CPUs), built into the same library; see `gemm_bf16`.
-SOURCES = (SOURCE, SOURCE.with_name("gemm_bf16.c"))
 # Rows of bf16 x from which the GEMM beats the GEMV's own bf16 dot-product tiles. 4096×4096, 2-core EPYC, medians
 # of alternated runs: M=16 GEMV 2.17 ms / GEMM 2.45 ms, M=24 3.55 / 3.79, M=32 4.75 / 3.84, M=64 7.12 / 5.90,
 # M=256 31.2 / 20.6 (dense bf16: 2.88, 3.69, 4.23, 6.19, 20.2 ms).
@@ -97,9 +95,9 @@ def simd() -> str | None:
 
 
 def bf16_dot() -> bool:
-    """Whether the bf16 GEMM (``csrc/gemm_bf16.c``) runs here: the library is built, this CPU has AVX512-BF16, and
-    the ``avx512bf16`` level is in use (``W8A16_NATIVE_SIMD=avx512`` or lower switches it off too)."""
-    return library() is not None and _state.get("simd") == "avx512bf16" and bool(_state.get("bf16_dot_cpu"))
+    """Whether the bf16 GEMM (``w8a16_gemm_bf16`` in ``csrc/gemv.c``) runs here: the ``avx512bf16`` level is in
+    use, which the library chooses only on a CPU with AVX512-BF16 (``W8A16_NATIVE_SIMD=avx512`` or lower caps it)."""
+    return library() is not None and _state.get("simd") == "avx512bf16"
 
 
 def select_simd(name: str | None) -> str:
@@ -167,7 +165,6 @@ def _load_or_build() -> ctypes.CDLL:
     _declare(lib)
     details.update(library=str(target), built=built)
     _state["simd"] = SIMD_LEVELS[lib.w8a16_simd_use(_requested_simd())]
-    _state["bf16_dot_cpu"] = bool(lib.w8a16_bf16_dot_supported())
     return lib
 
 
@@ -196,8 +193,7 @@ def _cache_key(compiler: list[str], version: str) -> str:
     architecture and picks its SIMD variant when loaded."""
     parts = [platform.machine(), shlex.join(compiler), version, shlex.join(FLAGS), shlex.join(OPENMP_FLAGS)]
     digest = hashlib.sha256("\0".join(parts).encode())
-    for source in SOURCES:
-        digest.update(source.read_bytes())
+    digest.update(SOURCE.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -238,7 +234,7 @@ def _build(compiler: list[str], target: Path, record: Path) -> None:
     errors = []
     try:
         for extra in (OPENMP_FLAGS, []):
-            command = [*compiler, *FLAGS, *extra, "-o", str(partial), *map(str, SOURCES)]
+            command = [*compiler, *FLAGS, *extra, "-o", str(partial), str(SOURCE)]
             error = _compile(command)
             if error is None and partial.is_file():
                 break
@@ -280,8 +276,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, name).restype = ctypes.c_int
     lib.w8a16_simd_use.argtypes = [ctypes.c_int]
     lib.w8a16_simd_use.restype = ctypes.c_int
-    lib.w8a16_bf16_dot_supported.argtypes = []
-    lib.w8a16_bf16_dot_supported.restype = ctypes.c_int
     lib.w8a16_gemm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     lib.w8a16_gemm_bf16.restype = ctypes.c_int
 
@@ -354,10 +348,10 @@ def _call(lib: ctypes.CDLL, pointers: tuple[int, int, int], x: torch.Tensor, y: 
     code = DTYPE_CODES[x.dtype]
     m = x.numel() // k
     threads = 1 if m * n * k < SERIAL_BELOW else torch.get_num_threads()
-    if code == 1 and params_code != 2 and m >= BF16_DOT_MIN_M and bf16_dot():
-        # Enough rows to fill VDPBF16PS's 16 lanes with rows of x: the GEMM in gemm_bf16.c (fp32 or bf16 params).
+    if code == DTYPE_CODES[torch.bfloat16] and m >= BF16_DOT_MIN_M and bf16_dot():
+        # Enough rows to fill VDPBF16PS's 16 lanes with rows of x: the bf16 GEMM (the end of gemv.c).
         status = lib.w8a16_gemm_bf16(weights, x.data_ptr(), scales, bias, y.data_ptr(), m, n, k, threads,
-                                     params_code == 1)
+                                     params_code)
         if status == -2:
             raise MemoryError("native gemm_bf16: could not allocate the packed activations")
         if status == 0:
