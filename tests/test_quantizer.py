@@ -377,3 +377,65 @@ def test_tiny_detr_linear_and_conv2d_outputs_close():
         out = model(pixel_values=pixels)
     assert (out.logits - ref.logits).norm() / ref.logits.norm() < 0.05
     assert (out.pred_boxes - ref.pred_boxes).abs().max() < 0.02
+
+
+# ---- what quantizing frees goes back to the OS (glibc keeps freed heap blocks otherwise) ---------------------
+
+FRAGMENT = """
+import ctypes, json, torch
+from w8a16.ops import cpu
+def rss_anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("RssAnon:"))
+# Blocks under 32 MB from the heap, not from mmap: where glibc's threshold is once a 32 MB tensor has been freed.
+assert ctypes.CDLL(None).mallopt(-3, 32 << 20) == 1  # M_MMAP_THRESHOLD
+base = rss_anon()
+kept = []
+for i in range(64):  # a temporary, then a kept block of the same size: every block is larger than any earlier hole,
+    size = (1 << 20) + i * (64 << 10)  # so each kept block pins the temporary's hole below it
+    temporary = torch.ones(size, dtype=torch.uint8)
+    kept.append(torch.ones(size, dtype=torch.uint8))
+    del temporary
+before = rss_anon() - base
+print(json.dumps({"before": before, "returned": cpu.return_freed_heap(), "after": rss_anon() - base}))
+"""
+
+
+def test_freed_heap_blocks_between_kept_ones_go_back_to_the_os() -> None:
+    import json
+    import subprocess
+    import sys
+
+    from w8a16.ops import cpu
+
+    if cpu._GLIBC_MALLOC is None:
+        pytest.skip("not glibc's malloc: return_freed_heap does nothing here")
+    done = subprocess.run([sys.executable, "-c", FRAGMENT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    kept = sum((1 << 20) + i * (64 << 10) for i in range(64))  # 193 MB, and as many freed
+    assert got["before"] > kept + 150 * 2**20, got  # glibc kept the freed temporaries resident
+    assert got["returned"] and got["after"] < kept + cpu.FREED_HEAP_LIMIT, got
+
+
+def test_return_freed_heap_trims_only_above_its_limit(monkeypatch) -> None:
+    from w8a16.ops import cpu
+
+    trims = []
+    free = {"bytes": 10 << 20}
+    fake_info = lambda: cpu._MallocInfo(fordblks=free["bytes"])  # noqa: E731
+    monkeypatch.setattr(cpu, "_GLIBC_MALLOC", (fake_info, trims.append))
+    assert not cpu.return_freed_heap(limit=64 << 20) and trims == []
+    free["bytes"] = 65 << 20
+    assert cpu.return_freed_heap(limit=64 << 20) and trims == [0]
+    monkeypatch.setattr(cpu, "_GLIBC_MALLOC", None)  # macOS, Windows, musl: nothing to do
+    assert not cpu.return_freed_heap(limit=0)
+
+
+def test_the_walker_returns_freed_memory_after_each_layer(monkeypatch) -> None:
+    import w8a16.quantizer
+
+    calls = []
+    monkeypatch.setattr(w8a16.quantizer, "return_freed_heap", lambda: calls.append(1))
+    model = Quantizer(Toy(), W8A16LinearLayer, ["lm_head"])
+    assert len(calls) == len(model.w8a16_report.replaced) == 8
