@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from w8a16 import ops
@@ -93,3 +94,19 @@ def test_stream_read_is_measured_alongside_the_layers():
     assert {r["impl"] for r in rows} == {"dense", "seed-naive", "w8a16"}  # the stream read is not a row
     for r in rows:
         assert r["stream_GBps"] > 0 and abs(r["pct_stream"] - 100 * r["weight_GBps"] / r["stream_GBps"]) < 1e-9
+
+
+@pytest.mark.parametrize("scrub", [False, True])
+def test_scrub_clears_the_caches_then_primes_each_candidate(monkeypatch, scrub):
+    """With ``scrub``, every timed call follows the 64 MiB read and one untimed call of the same candidate."""
+    seen = {}
+    real_compare = bench.compare
+
+    def spy(cands, **kwargs):
+        seen.update(kwargs)
+        return real_compare(cands, **kwargs)
+
+    monkeypatch.setattr(bench, "compare", spy)
+    bench.layer_rows(dtypes=("fp32",), ms=(1,), shapes=((64, 32),), repeats=1, rotate_bytes=1, third_party=False,
+                     scrub=scrub)
+    assert seen["prime"] is scrub and (seen["between"] is not None) is scrub

@@ -47,3 +47,11 @@ def test_between_runs_untimed_before_every_timed_call():
                          between=lambda: calls.append("-"))
     assert calls == ["a", "b", "-", "a", "-", "b", "-", "a", "-", "b"]  # not before the warm-up calls
     assert all(len(ts) == 2 for ts in res.times_s.values())
+
+
+def test_prime_calls_each_candidate_untimed_right_before_its_timed_call():
+    calls = []
+    res = timing.compare({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=0,
+                         between=lambda: calls.append("-"), prime=True)
+    assert calls == ["-", "a", "a", "-", "b", "b", "-", "a", "a", "-", "b", "b"]
+    assert all(len(ts) == 2 for ts in res.times_s.values())

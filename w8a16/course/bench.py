@@ -155,8 +155,12 @@ def layer_rows(
     moves from minute to minute (23 to 39 GB/s between two runs here), so only a reading taken alongside is fair.
     ``scrub`` (on a CPU) reads 64 MiB untimed before every timed call, so that no candidate pays for the cache
     state the previous one left: the seed's forward writes a dense weight as large as that, and whichever
-    candidate ran next paid for writing it back (+0.15 ms measured). Every call then starts from cold caches,
-    Python's objects included, which costs small layers most (a 1024×4096 layer: 0.3 → 0.8 ms dense bf16).
+    candidate ran next paid for writing it back (+0.15 ms measured). Then the candidate runs once untimed on the
+    previous weight copy (`compare`'s ``prime``), and the timed call reads the next copy: its weights come from
+    memory while its code and Python objects are warm, as in a decode loop where the layer before just ran the
+    same code. Without that step every call started from cold caches, Python's objects included, which cost
+    ours 0.10 ms more per call than in a loop (0.66 vs 0.56 ms, 4096×4096 bf16 at M=1: 83 vs 98 % of the stream
+    read taken the same way), and small layers most (a 1024×4096 layer: 0.3 → 0.8 ms dense bf16).
     """
     device = torch.device(device)
     status = third_party_status() if third_party else {}
@@ -199,7 +203,7 @@ def layer_rows(
                     if measure_stream:
                         cands["stream"] = stream_buf.sum
                     res = compare(cands, repeats=repeats, warmup=1, device=device, min_time_s=0.2,
-                                  between=None if scrub_buf is None else scrub_buf.sum)
+                                  between=None if scrub_buf is None else scrub_buf.sum, prime=scrub_buf is not None)
                 med = res.median_s
                 if measure_stream:
                     stream_gbps = stream_buf.numel() * 4 / med.pop("stream") / 1e9

@@ -65,6 +65,7 @@ def compare(
     device: torch.device | str | None = None,
     min_time_s: float = 0.0,
     between: Callable[[], object] | None = None,
+    prime: bool = False,
 ) -> Comparison:
     """Time every candidate ``repeats`` times, interleaved (A B C A B C ...), after ``warmup`` calls each.
 
@@ -72,6 +73,9 @@ def compare(
     so that very fast calls still get enough samples for a stable median. ``between``, if given, runs untimed
     before every timed call: for example reading a buffer larger than the cache, so that no candidate pays for
     the cache state the previous one left (a large temporary it wrote must be written back to memory first).
+    ``prime`` calls the candidate once more, untimed, right before each timed call (after ``between``): its code
+    and Python objects are then in the cache, as in a loop that just ran it, while data it has not touched yet
+    (the next weight copy of a rotation) is where ``between`` left it.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be ≥ 1 and warmup ≥ 0")
@@ -85,6 +89,8 @@ def compare(
         for name, fn in candidates.items():
             if between is not None:
                 between()
+            if prime:
+                fn()
             result.times_s[name].append(time_once(fn, device))
         rounds += 1
         if rounds >= 10 * repeats:
