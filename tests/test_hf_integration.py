@@ -368,10 +368,10 @@ def test_quantizing_codegen_350m_while_loading_peaks_near_the_quantized_size(tmp
 def test_quantizing_while_loading_returns_freed_memory_before_each_layer(tmp_path: Path, monkeypatch) -> None:
     """glibc may otherwise keep every float tensor the loader freed (1.3 GB for CodeGen-350M in one CI run; see
     `w8a16.ops.cpu.return_freed_heap`)."""
-    import w8a16.io.hf
+    import w8a16.layer
 
     calls = []
-    monkeypatch.setattr(w8a16.io.hf, "return_freed_heap", lambda: calls.append(1))
+    monkeypatch.setattr(w8a16.layer, "return_freed_heap", lambda: calls.append(1))
     path = float_checkpoint(tmp_path, "llama", torch.float32)
     model = load(path, "llama", quantization_config=W8A16Config(exclude=["lm_head"]))
     assert len(calls) == len(model.w8a16_report.replaced) > 0

@@ -433,9 +433,9 @@ def test_return_freed_heap_trims_only_above_its_limit(monkeypatch) -> None:
 
 
 def test_the_walker_returns_freed_memory_after_each_layer(monkeypatch) -> None:
-    import w8a16.quantizer
+    import w8a16.layer
 
     calls = []
-    monkeypatch.setattr(w8a16.quantizer, "return_freed_heap", lambda: calls.append(1))
+    monkeypatch.setattr(w8a16.layer, "return_freed_heap", lambda: calls.append(1))
     model = Quantizer(Toy(), W8A16LinearLayer, ["lm_head"])
     assert len(calls) == len(model.w8a16_report.replaced) == 8

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import ops, quant
 from .ops import native
-from .ops.cpu import aligned_copy, is_aligned
+from .ops.cpu import aligned_copy, is_aligned, return_freed_heap
 from .ops.reference import accumulate_dtype
 
 _BUFFERS = ("int8_weights", "scales", "bias")
@@ -72,6 +72,9 @@ def quantize_rows(weights: torch.Tensor, dtype: torch.dtype, *, method: str = "a
     scale, so ``int8 * scales`` is the best dequantization the stored numbers allow. For fp32 this is
     bit-identical to ``round(W / (|W|.max(-1) / 127))``.
     """
+    # What quantizing the layers before this one freed (their float weights, fp32 temporaries): glibc may keep
+    # it all resident otherwise. Here, so the walker, loading and a user's own loop over layers all get it.
+    return_freed_heap()
     quant.check_weights(weights, finite=False)
     if method != "absmax" and weights.is_meta:
         quant.per_channel_scales(weights[:0], method=method)  # still reject an unknown method on meta

@@ -22,7 +22,6 @@ from torch import nn
 
 from . import quant
 from .layer import W8A16Conv2d, W8A16LinearLayer, is_linear_like  # noqa: F401 (w8a16.io imports it from here)
-from .ops.cpu import return_freed_heap
 
 
 class QuantizedClass(Protocol):
@@ -248,7 +247,6 @@ def quantize_model(
         except ValueError as err:
             raise ValueError(f"cannot quantize layer {name!r}: {err}") from err
         _set_submodule(model, name, new)
-        return_freed_heap()  # the float temporaries of quantizing, else glibc may keep them all (see there)
         report.replaced.append(name)
         report.replaced_by_kind[target.float_kind] += 1
 

@@ -50,7 +50,6 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .. import quant
 from .. import quantizer as walker
 from ..layer import W8A16Conv2d, W8A16LinearLayer, linear_weight, quantize_rows
-from ..ops.cpu import return_freed_heap
 from ..quantizer import QuantizationReport, footprint_bytes, is_linear_like
 
 QUANT_METHOD = "w8a16"
@@ -190,7 +189,6 @@ class QuantizeOnLoad(ConversionOps):
     @torch.no_grad()
     def convert(self, input_dict: dict[str, Any], model: nn.Module | None = None, full_layer_name: str | None = None,
                 missing_keys: set[str] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
-        return_freed_heap()  # the float tensors of the layers before this one (see its docstring)
         (key, value), = input_dict.items()
         weight = value[0] if isinstance(value, list) else value
         name = key.rpartition(".")[0]

@@ -1,4 +1,5 @@
-"""The PyTorch-only CPU paths: ``tiled`` (any batch) and ``int8pack`` (small bf16 batches without a C compiler).
+"""The PyTorch-only CPU paths: ``tiled`` (any batch) and ``int8pack`` (small bf16 batches without a C compiler);
+and `return_freed_heap`, which hands what quantizing freed back to the OS.
 
 Both follow the accuracy rule of `reference` (fp32 dequantization and accumulation, one rounding).
 """
