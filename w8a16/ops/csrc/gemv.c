@@ -239,6 +239,20 @@ static const variant avx2_variant = {8, 4, dot4_avx2, tile2_avx2, NULL};
  * AVX-512 (F, BW, VL): 16 lanes; the tail (k % 16) is one masked step, no scalar loop
  * ------------------------------------------------------------------------------------------------------------ */
 
+/* ``kernel(w0, w1, k, x, ldx, R, out, next)`` for rows = 1..MAX_TILE, each case with R a constant: the r loops
+ * unroll and the accumulators stay in registers (the AVX-512 tiles; AVX2's take at most 4 rows). */
+#define TILE2_CONSTANT_ROWS(kernel)                                         \
+    switch (rows) {                                                         \
+        case 1: kernel(w0, w1, k, x, ldx, 1, out, next); break;             \
+        case 2: kernel(w0, w1, k, x, ldx, 2, out, next); break;             \
+        case 3: kernel(w0, w1, k, x, ldx, 3, out, next); break;             \
+        case 4: kernel(w0, w1, k, x, ldx, 4, out, next); break;             \
+        case 5: kernel(w0, w1, k, x, ldx, 5, out, next); break;             \
+        case 6: kernel(w0, w1, k, x, ldx, 6, out, next); break;             \
+        case 7: kernel(w0, w1, k, x, ldx, 7, out, next); break;             \
+        default: kernel(w0, w1, k, x, ldx, MAX_TILE, out, next); break;     \
+    }
+
 TARGET_AVX512 static inline __m512 load16_int8_as_fp32(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
@@ -316,16 +330,7 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void tile2_avx512_r(
 
 TARGET_AVX512 static void tile2_avx512(const int8_t *w0, const int8_t *w1, int64_t k, const float *x,
                                        int64_t ldx, int rows, float out[2][MAX_TILE], const int8_t *next) {
-    switch (rows) {
-        case 1: tile2_avx512_r(w0, w1, k, x, ldx, 1, out, next); break;
-        case 2: tile2_avx512_r(w0, w1, k, x, ldx, 2, out, next); break;
-        case 3: tile2_avx512_r(w0, w1, k, x, ldx, 3, out, next); break;
-        case 4: tile2_avx512_r(w0, w1, k, x, ldx, 4, out, next); break;
-        case 5: tile2_avx512_r(w0, w1, k, x, ldx, 5, out, next); break;
-        case 6: tile2_avx512_r(w0, w1, k, x, ldx, 6, out, next); break;
-        case 7: tile2_avx512_r(w0, w1, k, x, ldx, 7, out, next); break;
-        default: tile2_avx512_r(w0, w1, k, x, ldx, 8, out, next); break;
-    }
+    TILE2_CONSTANT_ROWS(tile2_avx512_r);
 }
 
 static const variant avx512_variant = {16, MAX_TILE, dot4_avx512, tile2_avx512, NULL};
@@ -385,16 +390,7 @@ TARGET_AVX512_BF16 static inline __attribute__((always_inline)) void tile2_avx51
 
 TARGET_AVX512_BF16 static void tile2_avx512bf16(const int8_t *w0, const int8_t *w1, int64_t k, const uint16_t *x,
                                                 int64_t ldx, int rows, float out[2][MAX_TILE], const int8_t *next) {
-    switch (rows) {
-        case 1: tile2_avx512bf16_r(w0, w1, k, x, ldx, 1, out, next); break;
-        case 2: tile2_avx512bf16_r(w0, w1, k, x, ldx, 2, out, next); break;
-        case 3: tile2_avx512bf16_r(w0, w1, k, x, ldx, 3, out, next); break;
-        case 4: tile2_avx512bf16_r(w0, w1, k, x, ldx, 4, out, next); break;
-        case 5: tile2_avx512bf16_r(w0, w1, k, x, ldx, 5, out, next); break;
-        case 6: tile2_avx512bf16_r(w0, w1, k, x, ldx, 6, out, next); break;
-        case 7: tile2_avx512bf16_r(w0, w1, k, x, ldx, 7, out, next); break;
-        default: tile2_avx512bf16_r(w0, w1, k, x, ldx, 8, out, next); break;
-    }
+    TILE2_CONSTANT_ROWS(tile2_avx512bf16_r);
 }
 
 static const variant avx512bf16_variant = {16, MAX_TILE, dot4_avx512, tile2_avx512, tile2_avx512bf16};
