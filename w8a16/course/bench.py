@@ -164,6 +164,9 @@ def layer_rows(
     """
     device = torch.device(device)
     status = third_party_status() if third_party else {}
+    scrub_buf = torch.ones(16 << 20, device=device) if scrub and device.type == "cpu" else None
+    # The stream read's own buffer: 64 MiB on a CPU (twice a 32 MiB L3), 256 MiB past a GPU's L2.
+    stream_buf = torch.ones((16 if device.type == "cpu" else 64) << 20, device=device) if measure_stream else None
     rows = []
     for n_in, n_out in shapes:
         copies = max(2, -(-rotate_bytes // (n_in * n_out)))
@@ -178,9 +181,6 @@ def layer_rows(
                         extra[label] = [_third_party_layer(label, lin) for lin in linears]
                     except Exception as err:  # a changed third-party API must not break the benchmark
                         extra[label] = f"error: {type(err).__name__}: {err}"[:120]
-            scrub_buf = torch.ones(16 << 20, device=device) if scrub and device.type == "cpu" else None
-            # The stream read's own buffer: 64 MiB on a CPU (twice a 32 MiB L3), 256 MiB past a GPU's L2.
-            stream_buf = torch.ones((16 if device.type == "cpu" else 64) << 20, device=device) if measure_stream else None
             for m in ms:
                 x = torch.randn(m, n_in, device=device).to(dtype)
                 turn = {"i": 0}
