@@ -8,6 +8,7 @@ subprocess; the rest reset `native._state` and point the cache at ``tmp_path``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -469,6 +470,100 @@ def test_every_variant_overflows_to_inf_and_keeps_subnormal_inputs_within_roundi
         tiny = (torch.rand(m, 70) * info.tiny * 0.9).to(dtype)  # subnormals (and some zeros)
         tiny[:, :3] = 1.0  # a normal part next to them
         assert_within_fp32_rounding(native.gemv(tiny, w, s, None), tiny, w, s, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# M = 1 without converting the weights (gemv.c's dot4_packed, AVX2 and AVX-512): the weights' bits are made into
+# the floats q * 2^-133, and x is permuted to their order and scaled by a power of two once per call (pack_x)
+# ---------------------------------------------------------------------------------------------------------------
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="no native kernel here")
+
+
+def pack(x: torch.Tensor, block: int) -> tuple[torch.Tensor, float]:
+    x = x.float().contiguous()
+    xp = torch.full_like(x, float("nan"))
+    return xp, native.library().w8a16_pack_x(x.data_ptr(), x.numel(), block, xp.data_ptr())
+
+
+def interleave_order(block: int) -> list[int]:
+    """Which of a block's bytes each float lane gets, from the instructions' definitions: vpunpcklbw/hbw take
+    bytes 0-7/8-15 of every 128-bit lane, vpunpcklwd/hwd words 0-3/4-7 of those; the kernel multiplies the four
+    results (lo-lo, lo-hi, hi-lo, hi-hi) by four consecutive vectors of x."""
+    return [lane * 16 + bytes_half + words_half + e
+            for bytes_half in (0, 8) for words_half in (0, 4) for lane in range(block // 16) for e in range(4)]
+
+
+@needs_native
+@pytest.mark.parametrize("block", [32, 64])
+def test_packing_x_permutes_each_block_as_the_interleaves_and_scales_by_a_power_of_two(block):
+    k = 3 * block + 5
+    x = torch.arange(1, k + 1, dtype=torch.float32) * (-1) ** torch.arange(k)  # distinct: positions read back
+    xp, unscale = pack(x, block)
+    scale = 2.0**133 / unscale
+    assert scale == 2.0 ** round(math.log2(scale)) and 2.0**125 <= k * scale < 2.0**127  # largest |x| near 2^126
+    full = k - k % block
+    order = [b + i for b in range(0, full, block) for i in interleave_order(block)]
+    assert torch.equal(xp[:full], x[order] * scale)
+    assert torch.equal(xp[full:], x[full:])  # the tail as it is: the kernels convert those weights
+
+
+@needs_native
+@pytest.mark.parametrize("largest, packed", [
+    (0.0, True), (2.0**-90, True), (2.0**-91, False), (3.0, True), (2.0**119, True),
+    (2.0**119 * (1 + 2.0**-23), False), (math.inf, False), (math.nan, False),  # the next fp32 past 2^119
+])
+def test_packing_x_refuses_ranges_where_products_would_leave_the_normal_range(largest, packed):
+    x = torch.zeros(100)
+    x[17], x[3] = largest, -largest / 3
+    _, unscale = pack(x, 64)
+    assert (unscale != 0.0) == packed
+
+
+@pytest.mark.parametrize("dtype, exponent", [
+    (torch.float32, -100), (torch.float32, -89), (torch.float32, -30), (torch.float32, 0), (torch.float32, 100),
+    (torch.bfloat16, -95), (torch.bfloat16, 0), (torch.bfloat16, 110), (torch.float16, -20), (torch.float16, 1),
+])
+def test_m1_is_within_fp32_rounding_at_every_magnitude_of_x(variant, dtype, exponent):
+    """Both sides of each range limit of the packed kernel (and the converting loop it falls back to)."""
+    torch.manual_seed(6)
+    k = 4096 + 37
+    w = torch.randint(-128, 128, (13, k), dtype=torch.int8)
+    s, b = torch.rand(13) / 50, torch.randn(13)
+    x = (torch.randn(1, k) * 2.0**exponent).to(dtype)
+    assert_within_fp32_rounding(native.gemv(x, w, s.to(dtype), b.to(dtype)), x, w, s.to(dtype), b.to(dtype))
+    x[0, 5], w[:, 5] = 2.0**121 if dtype != torch.float16 else 1.0, 0  # past 2^119: the converting loop
+    assert_within_fp32_rounding(native.gemv(x, w, s.to(dtype), None), x, w, s.to(dtype), None)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_m1_inf_and_nan_in_x_come_out_as_in_the_reference(variant, bad):
+    torch.manual_seed(7)
+    w = torch.randint(-128, 128, (40, 300), dtype=torch.int8)
+    w[:5, 10] = 0  # 0 * inf: NaN in those rows
+    x = torch.randn(1, 300)
+    x[0, 10] = bad
+    y, ref = native.gemv(x, w, torch.rand(40) / 50, None), fp64_reference(x, w, torch.rand(40), None)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y[~y.isnan()], ref[~ref.isnan()].float())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_m1_is_right_with_flush_denormal_on(variant, threads):
+    """torch.set_flush_denormal(True) sets denormals-are-zero, under which the packed weights (subnormal floats
+    for |q| < 128) would read as zeros: a thread that finds it set converts its weights instead."""
+    torch.manual_seed(8)
+    w = torch.randint(-128, 128, (64, 4096), dtype=torch.int8)
+    s, x = torch.rand(64) / 50, torch.randn(1, 4096)
+    threads_before = torch.get_num_threads()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("no denormals-are-zero on this CPU")
+    try:
+        torch.set_num_threads(threads)
+        y = native.gemv(x, w, s, None)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads_before)
+    assert_within_fp32_rounding(y, x, w, s, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

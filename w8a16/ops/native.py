@@ -278,6 +278,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.w8a16_simd_use.restype = ctypes.c_int
     lib.w8a16_gemm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     lib.w8a16_gemm_bf16.restype = ctypes.c_int
+    lib.w8a16_pack_x.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+    lib.w8a16_pack_x.restype = ctypes.c_float
 
 
 def _requested_simd() -> int:

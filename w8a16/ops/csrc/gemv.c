@@ -116,6 +116,11 @@ typedef struct {
                   float out[2][MAX_TILE], const int8_t *next);
     void (*tile2_bf16)(const int8_t *w0, const int8_t *w1, int64_t k, const uint16_t *x, int64_t ldx, int rows,
                        float out[2][MAX_TILE], const int8_t *next);
+    /* M = 1 without converting weights (see "M = 1: weights as floats without a conversion" below), or NULL:
+     * as dot4, with xp = `pack_x`(x, k, pack_block) and unscale its return value. */
+    int pack_block;
+    void (*dot4_packed)(const int8_t *w, int64_t k, const float *x, const float *xp, float unscale, float out[4],
+                        const int8_t *next);
 } variant;
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -142,7 +147,60 @@ static void tile2_scalar(const int8_t *w0, const int8_t *w1, int64_t k, const fl
     }
 }
 
-static const variant scalar_variant = {1, 4, dot4_scalar, tile2_scalar, NULL};
+static const variant scalar_variant = {1, 4, dot4_scalar, tile2_scalar, NULL, 0, NULL};
+
+/* ------------------------------------------------------------------------------------------------------------
+ * M = 1: weights as floats without a conversion (the `dot4_packed` kernels)
+ *
+ * Why: at M = 1 every weight is used once, so the loop converts as many weights as it multiplies. Widening an
+ * int8 to fp32 costs a byte shuffle (vpmovsxbd) and a conversion (vcvtdq2ps) on top of the FMA; on a 2-core
+ * Zen 4 that capped one core at 30 GB/s of weights even from L2, while its memory feeds two cores at up to
+ * ~59 GB/s: there the kernel, not memory, was the limit (fp16 M=1 at 75 % of the stream read in one bench run).
+ *
+ * The trick: the fp32 whose bits are an integer b < 2^24 is exactly b * 2^-149 (subnormals and the lowest normal
+ * binade are evenly spaced). So a weight q = ±m with m = |q| in bits 16-23 and q's sign in bit 31 *is* the
+ * float q * 2^-133, and those bits take integer byte operations only: per 64 weights, |q| (vpabsb) and the sign
+ * bits (vpand), two byte interleaves into 16-bit words (sign << 8 | m), four interleaves of those words with
+ * zeros (word << 16). That is 1.5 shuffles per 16 weights and no conversion. The interleaves work within 128-bit
+ * lanes, so the weights come out in a fixed permutation of their order; `pack_x` permutes x to match, once per
+ * call. q = -128 works too (bits 0x80800000 are -2^-126 = -128 * 2^-133).
+ *
+ * Exactness: `pack_x` also scales x by 2^S (S = 126 minus x's largest exponent), so each product
+ * (q * 2^-133) * (x * 2^S) is q * x times a power of two, rounded once by the FMA exactly as q * x is: the same
+ * fp32 sums as the converting loop (in another order), scaled back by 2^(133 - S) at the end. Only terms below
+ * 2^-119 of x's largest value drop under the normal range, an error under 2^-140 of it. x holding inf, NaN,
+ * values above 2^119 or only values below 2^-90 keeps the converting loop, and so does a thread whose MXCSR
+ * has denormals-are-zero set (torch.set_flush_denormal(True)), which would read every weight as zero.
+ * 4096x4096 M=1 on the 2-core Zen 4 (a C harness, AVX-512): 60 -> 73 GB/s with the weights in L3, 53 -> 58
+ * GB/s from DRAM; one core from L2: 30 -> 36 GB/s.
+ * ------------------------------------------------------------------------------------------------------------ */
+
+enum { MXCSR_DAZ = 0x0040 };
+
+/* x (k fp32) -> xp for a dot4_packed that takes `block` weights per step (64 on AVX-512, 32 on AVX2): each full
+ * block permuted as the interleaves order its weights and scaled by 2^S; the k % block tail unchanged (the
+ * kernels convert those few weights). Returns 2^(133 - S), which scales the packed sums back, or 0 where x's
+ * range rules the trick out (see above). */
+static float pack_x(const float *x, int64_t k, int block, float *xp) {
+    float amax = 0.0f;
+    int out_of_range = 0;
+    for (int64_t i = 0; i < k; ++i) {  /* branch-free: vectorises */
+        float a = __builtin_fabsf(x[i]);
+        amax = a > amax ? a : amax;
+        out_of_range |= !(a <= 0x1.0p119f);  /* also inf and NaN */
+    }
+    if (out_of_range || (amax != 0.0f && amax < 0x1.0p-90f)) return 0.0f;
+    int s = 126 - ((int)(fp32_to_bits(amax) >> 23) - 126);  /* amax < 2^(biased exponent - 126) */
+    if (s > 126) s = 126;  /* amax < 2^0 (and 0): products stay normal down to 2^-119 */
+    const float scale = bits_to_fp32((uint32_t)(s + 127) << 23);  /* 2^s, s in [6, 126] */
+    const int lanes = block / 4;  /* floats per vector: weight j of interleave q came from byte (j/4)*16 + 4q + j%4 */
+    const int64_t full = k - k % block;
+    for (int64_t b = 0; b < full; b += block)
+        for (int q = 0; q < 4; ++q)
+            for (int j = 0; j < lanes; ++j) xp[b + q * lanes + j] = x[b + (j / 4) * 16 + 4 * q + j % 4] * scale;
+    for (int64_t i = full; i < k; ++i) xp[i] = x[i];
+    return bits_to_fp32((uint32_t)(133 - s + 127) << 23);
+}
 
 #ifdef W8A16_X86
 /* ------------------------------------------------------------------------------------------------------------
@@ -233,7 +291,53 @@ TARGET_AVX2 static void tile2_avx2(const int8_t *w0, const int8_t *w1, int64_t k
     }
 }
 
-static const variant avx2_variant = {8, 4, dot4_avx2, tile2_avx2, NULL};
+/* 32 weights (one 128-bit lane holds 16) as the floats ±|q| * 2^-133, in `pack_x`'s order, times x0-x3. */
+TARGET_AVX2 static inline void packed_step_avx2(__m256i q, __m256 x0, __m256 x1, __m256 x2, __m256 x3, __m256 *a,
+                                                __m256 *b) {
+    const __m256i sign = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
+    __m256i m = _mm256_abs_epi8(q), s = _mm256_and_si256(q, sign);
+    __m256i lo = _mm256_unpacklo_epi8(m, s), hi = _mm256_unpackhi_epi8(m, s);  /* 16 bits: sign << 8 | m */
+    *a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, lo)), x0, *a);
+    *b = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, lo)), x1, *b);
+    *a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, hi)), x2, *a);
+    *b = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, hi)), x3, *b);
+}
+
+/* As `dot4_avx2`, on xp = `pack_x`(x, k, 32) without converting the weights (see "M = 1: weights as floats"). */
+TARGET_AVX2 static void dot4_packed_avx2(const int8_t *w, int64_t k, const float *x, const float *xp, float unscale,
+                                         float out[4], const int8_t *next) {
+    if (_mm_getcsr() & MXCSR_DAZ) {
+        dot4_avx2(w, k, x, out, next);
+        return;
+    }
+    const int8_t *w0 = w, *w1 = w + k, *w2 = w + 2 * k, *w3 = w + 3 * k;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+        if (next) {  /* 128 bytes of the next block per 128 consumed, as dot4_avx2 */
+            _mm_prefetch((const char *)(next + 4 * i), _MM_HINT_T1);
+            _mm_prefetch((const char *)(next + 4 * i + 64), _MM_HINT_T1);
+        }
+        __m256 x0 = _mm256_loadu_ps(xp + i), x1 = _mm256_loadu_ps(xp + i + 8);
+        __m256 x2 = _mm256_loadu_ps(xp + i + 16), x3 = _mm256_loadu_ps(xp + i + 24);
+        packed_step_avx2(_mm256_loadu_si256((const __m256i *)(w0 + i)), x0, x1, x2, x3, &a0, &b0);
+        packed_step_avx2(_mm256_loadu_si256((const __m256i *)(w1 + i)), x0, x1, x2, x3, &a1, &b1);
+        packed_step_avx2(_mm256_loadu_si256((const __m256i *)(w2 + i)), x0, x1, x2, x3, &a2, &b2);
+        packed_step_avx2(_mm256_loadu_si256((const __m256i *)(w3 + i)), x0, x1, x2, x3, &a3, &b3);
+    }
+    out[0] = hsum8(_mm256_add_ps(a0, b0)) * unscale;
+    out[1] = hsum8(_mm256_add_ps(a1, b1)) * unscale;
+    out[2] = hsum8(_mm256_add_ps(a2, b2)) * unscale;
+    out[3] = hsum8(_mm256_add_ps(a3, b3)) * unscale;
+    for (; i < k; ++i) {  /* the k % 32 tail, unscaled in xp */
+        out[0] += (float)w0[i] * xp[i];
+        out[1] += (float)w1[i] * xp[i];
+        out[2] += (float)w2[i] * xp[i];
+        out[3] += (float)w3[i] * xp[i];
+    }
+}
+
+static const variant avx2_variant = {8, 4, dot4_avx2, tile2_avx2, NULL, 32, dot4_packed_avx2};
 
 /* ------------------------------------------------------------------------------------------------------------
  * AVX-512 (F, BW, VL): 16 lanes; the tail (k % 16) is one masked step, no scalar loop
@@ -333,7 +437,58 @@ TARGET_AVX512 static void tile2_avx512(const int8_t *w0, const int8_t *w1, int64
     TILE2_CONSTANT_ROWS(tile2_avx512_r);
 }
 
-static const variant avx512_variant = {16, MAX_TILE, dot4_avx512, tile2_avx512, NULL};
+/* 64 weights (one 128-bit lane holds 16) as the floats ±|q| * 2^-133, in `pack_x`'s order, times x0-x3. */
+TARGET_AVX512 static inline void packed_step_avx512(__m512i q, __m512 x0, __m512 x1, __m512 x2, __m512 x3,
+                                                    __m512 *a, __m512 *b) {
+    const __m512i sign = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    __m512i m = _mm512_abs_epi8(q), s = _mm512_and_si512(q, sign);
+    __m512i lo = _mm512_unpacklo_epi8(m, s), hi = _mm512_unpackhi_epi8(m, s);  /* 16 bits: sign << 8 | m */
+    *a = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, lo)), x0, *a);
+    *b = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, lo)), x1, *b);
+    *a = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, hi)), x2, *a);
+    *b = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, hi)), x3, *b);
+}
+
+/* As `dot4_avx512`, on xp = `pack_x`(x, k, 64) without converting the weights (see "M = 1: weights as floats"). */
+TARGET_AVX512 static void dot4_packed_avx512(const int8_t *w, int64_t k, const float *x, const float *xp,
+                                             float unscale, float out[4], const int8_t *next) {
+    if (_mm_getcsr() & MXCSR_DAZ) {
+        dot4_avx512(w, k, x, out, next);
+        return;
+    }
+    const int8_t *w0 = w, *w1 = w + k, *w2 = w + 2 * k, *w3 = w + 3 * k;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int64_t i = 0;
+    for (; i + 64 <= k; i += 64) {
+        if (next) {  /* 256 bytes of the next block per 256 consumed, as dot4_avx512 */
+            _mm_prefetch((const char *)(next + 4 * i), _MM_HINT_T1);
+            _mm_prefetch((const char *)(next + 4 * i + 64), _MM_HINT_T1);
+            _mm_prefetch((const char *)(next + 4 * i + 128), _MM_HINT_T1);
+            _mm_prefetch((const char *)(next + 4 * i + 192), _MM_HINT_T1);
+        }
+        __m512 x0 = _mm512_loadu_ps(xp + i), x1 = _mm512_loadu_ps(xp + i + 16);
+        __m512 x2 = _mm512_loadu_ps(xp + i + 32), x3 = _mm512_loadu_ps(xp + i + 48);
+        packed_step_avx512(_mm512_loadu_si512(w0 + i), x0, x1, x2, x3, &a0, &b0);
+        packed_step_avx512(_mm512_loadu_si512(w1 + i), x0, x1, x2, x3, &a1, &b1);
+        packed_step_avx512(_mm512_loadu_si512(w2 + i), x0, x1, x2, x3, &a2, &b2);
+        packed_step_avx512(_mm512_loadu_si512(w3 + i), x0, x1, x2, x3, &a3, &b3);
+    }
+    __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+    for (; i < k; i += 16) {  /* the k % 64 tail, unscaled in xp: converted, the last step masked */
+        __mmask16 mask = k - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1u);
+        __m512 x0 = _mm512_maskz_loadu_ps(mask, xp + i);
+        t0 = _mm512_fmadd_ps(load_tail_int8_as_fp32(w0 + i, mask), x0, t0);
+        t1 = _mm512_fmadd_ps(load_tail_int8_as_fp32(w1 + i, mask), x0, t1);
+        t2 = _mm512_fmadd_ps(load_tail_int8_as_fp32(w2 + i, mask), x0, t2);
+        t3 = _mm512_fmadd_ps(load_tail_int8_as_fp32(w3 + i, mask), x0, t3);
+    }
+    out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)) * unscale + _mm512_reduce_add_ps(t0);
+    out[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)) * unscale + _mm512_reduce_add_ps(t1);
+    out[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)) * unscale + _mm512_reduce_add_ps(t2);
+    out[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3)) * unscale + _mm512_reduce_add_ps(t3);
+}
+
+static const variant avx512_variant = {16, MAX_TILE, dot4_avx512, tile2_avx512, NULL, 64, dot4_packed_avx512};
 
 #ifdef W8A16_BF16DP
 /* ------------------------------------------------------------------------------------------------------------
@@ -393,7 +548,8 @@ TARGET_AVX512_BF16 static void tile2_avx512bf16(const int8_t *w0, const int8_t *
     TILE2_CONSTANT_ROWS(tile2_avx512bf16_r);
 }
 
-static const variant avx512bf16_variant = {16, MAX_TILE, dot4_avx512, tile2_avx512, tile2_avx512bf16};
+static const variant avx512bf16_variant = {16, MAX_TILE, dot4_avx512, tile2_avx512, tile2_avx512bf16, 64,
+                                             dot4_packed_avx512};
 #endif /* W8A16_BF16DP */
 #endif /* W8A16_X86 */
 
@@ -474,9 +630,9 @@ static inline void store(const output *out, int64_t r, int64_t o, float dot) {
     else ((float *)out->y)[i] = v;
 }
 
-/* M = 1 (decode): blocks of four output rows split across threads. */
-static void gemv_one_row(const variant *v, const int8_t *w, const float *x, int64_t k, int threads,
-                         const output *out) {
+/* M = 1 (decode): blocks of four output rows split across threads; with `dot4_packed` where unscale != 0. */
+static void gemv_one_row(const variant *v, const int8_t *w, const float *x, const float *xp, float unscale,
+                         int64_t k, int threads, const output *out) {
     const int64_t n = out->n, blocks = (n + 3) / 4;
     (void)threads;
 #ifdef _OPENMP
@@ -486,7 +642,9 @@ static void gemv_one_row(const variant *v, const int8_t *w, const float *x, int6
         const int64_t o = 4 * b;
         if (o + 4 <= n) {
             float d[4];
-            v->dot4(w + o * k, k, x, d, o + 8 <= n ? w + (o + 4) * k : NULL);
+            const int8_t *next = o + 8 <= n ? w + (o + 4) * k : NULL;
+            if (unscale != 0.0f) v->dot4_packed(w + o * k, k, x, xp, unscale, d, next);
+            else v->dot4(w + o * k, k, x, d, next);
             for (int j = 0; j < 4; ++j) store(out, 0, o + j, d[j]);
         } else {  /* 1-3 rows left: one or two 2-row tiles (an odd last row is computed twice) */
             for (int64_t j = o; j < n; j += 2) {
@@ -525,6 +683,11 @@ static void gemv_rows(const variant *v, const int8_t *w, const void *x, int64_t 
 /* Rows of bf16 x from which a variant with `tile2_bf16` uses it (see `tile2_avx512bf16`). */
 enum { BF16_DP_MIN_M = 2 };
 
+/* `pack_x`, for the tests: xp gets x packed for `block` (64 or 32); returns the unscale factor or 0. */
+float w8a16_pack_x(const float *x, int64_t k, int block, float *xp) {
+    return pack_x(x, k, block, xp);
+}
+
 /* bf16 and fp16 x are widened to fp32 once, up front, into a 64-byte aligned buffer (unless the bf16 dot
  * product takes bf16 x as it is): malloc's 16-byte alignment made every 512-bit load of x straddle two cache
  * lines (bf16 M=4, 4096x4096: 1.25 -> 0.9 ms).
@@ -547,8 +710,14 @@ int w8a16_gemv(const int8_t *w, const void *x_in, const void *scales, const void
             for (int64_t i = 0; i < m * k; ++i) widened[i] = fp16_to_fp32(h[i]);
         x = widened;
     }
-    if (m == 1) gemv_one_row(v, w, x, k, threads, &out);
+    float *packed = NULL, unscale = 0.0f;  /* x for dot4_packed; without memory for it, the converting loop */
+    if (m == 1 && v->dot4_packed && k >= v->pack_block && n >= 4) {
+        packed = (float *)aligned_alloc(64, ((size_t)k * sizeof(float) + 63) & ~(size_t)63);
+        if (packed) unscale = pack_x(x, k, v->pack_block, packed);
+    }
+    if (m == 1) gemv_one_row(v, w, x, packed, unscale, k, threads, &out);
     else gemv_rows(v, w, bf16_dp ? x_in : (const void *)x, m, k, threads, bf16_dp, &out);
+    free(packed);
     free(widened);
     return v->lanes;
 }
