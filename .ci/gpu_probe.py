@@ -63,51 +63,60 @@ def eager_time(fn, calls):
     return a.elapsed_time(b) / 1e3 / calls
 
 
-# read bandwidth: a sum over 2 GiB (read-only)
-big = torch.ones(1 << 29, device=dev)
-sum_s = graph_time(lambda: big.sum(), 4, 5)
-read_gbps = big.numel() * 4 / sum_s / 1e9
-print(f"read bandwidth (sum over 2 GiB): {read_gbps:.0f} GB/s")
-del big
+ROTATE = 512 << 20  # bytes of weight copies rotated through: several times the L2
 
-ROTATE = 512 << 20
-print(f"{'dtype':>5} {'K':>6} {'N':>6} {'M':>3} | {'dense us':>8} {'ours us':>8} {'ratio':>5} {'%read':>5} "
-      f"{'ref us':>7} | {'eager dense':>11} {'eager ours':>10} {'ratio':>5} | config")
-QUICK = "--quick" in sys.argv
-for dtype in (torch.bfloat16,) if QUICK else (torch.bfloat16, torch.float16):
-    for k, n in ((4096, 14336),) if QUICK else ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 51200)):
-        if dtype == torch.float16 and n == 51200:
-            continue
-        copies = max(2, -(-ROTATE // (n * k)))
-        ws = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev) for _ in range(copies)]
-        ss = [torch.rand(n, device=dev, dtype=dtype) / 100 for _ in range(copies)]
-        dense = [(w.to(dtype) * s[:, None]) for w, s in zip(ws, ss)]
-        for m in (1, 16, 256) if QUICK else (1, 4, 16, 64, 256) if n != 51200 else (1, 4):
-            x = torch.randn(m, k, device=dev, dtype=dtype)
-            ref = reference_linear(x.double(), ws[0], ss[0].double())
-            out = gpu.triton_linear(x, ws[0], ss[0])
-            err = float((out.double() - ref).abs().max() / ref.abs().max())
-            it = {"d": 0, "q": 0}
 
-            def run_dense():
-                it["d"] = (it["d"] + 1) % copies
-                return F.linear(x, dense[it["d"]])
+def main() -> None:
+    # read bandwidth: a sum over 2 GiB (read-only)
+    big = torch.ones(1 << 29, device=dev)
+    sum_s = graph_time(lambda: big.sum(), 4, 5)
+    read_gbps = big.numel() * 4 / sum_s / 1e9
+    print(f"read bandwidth (sum over 2 GiB): {read_gbps:.0f} GB/s")
+    del big
 
-            def run_ours():
-                it["q"] = (it["q"] + 1) % copies
-                return gpu.triton_linear(x, ws[it["q"]], ss[it["q"]])
+    print(f"{'dtype':>5} {'K':>6} {'N':>6} {'M':>3} | {'dense us':>8} {'ours us':>8} {'ratio':>5} {'%read':>5} "
+          f"{'ref us':>7} | {'eager dense':>11} {'eager ours':>10} {'ratio':>5} | config")
+    QUICK = "--quick" in sys.argv
+    for dtype in (torch.bfloat16,) if QUICK else (torch.bfloat16, torch.float16):
+        for k, n in ((4096, 14336),) if QUICK else ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 51200)):
+            if dtype == torch.float16 and n == 51200:
+                continue
+            copies = max(2, -(-ROTATE // (n * k)))
+            ws = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev) for _ in range(copies)]
+            ss = [torch.rand(n, device=dev, dtype=dtype) / 100 for _ in range(copies)]
+            dense = [(w.to(dtype) * s[:, None]) for w, s in zip(ws, ss)]
+            for m in (1, 16, 256) if QUICK else (1, 4, 16, 64, 256) if n != 51200 else (1, 4):
+                x = torch.randn(m, k, device=dev, dtype=dtype)
+                ref = reference_linear(x.double(), ws[0], ss[0].double())
+                out = gpu.triton_linear(x, ws[0], ss[0])
+                err = float((out.double() - ref).abs().max() / ref.abs().max())
+                it = {"d": 0, "q": 0}
 
-            def run_ref():
-                it["q"] = (it["q"] + 1) % copies
-                return reference_linear(x, ws[it["q"]], ss[it["q"]])
+                def run_dense():
+                    it["d"] = (it["d"] + 1) % copies
+                    return F.linear(x, dense[it["d"]])
 
-            calls = copies * 2
-            td, tq, tr = graph_time(run_dense, calls), graph_time(run_ours, calls), graph_time(run_ref, calls, 5)
-            ed, eq = eager_time(run_dense, calls), eager_time(run_ours, calls)
-            pct = 100 * (n * k + n * ss[0].element_size()) / tq / 1e9 / read_gbps
-            kern = gpu._kernel(gpu.block_m_for(m))[0]
-            cfg = str(getattr(kern, "best_config", None)).replace("num_ctas: 1, ", "").replace(", maxnreg: None", "")
-            print(f"{str(dtype)[6:]:>5} {k:>6} {n:>6} {m:>3} | {td*1e6:8.1f} {tq*1e6:8.1f} {td/tq:5.2f} {pct:5.0f} {tr*1e6:7.1f} | "
-                  f"{ed*1e6:11.1f} {eq*1e6:10.1f} {ed/eq:5.2f} | {cfg} relerr {err:.1e}", flush=True)
-        del ws, ss, dense
-        torch.cuda.empty_cache()
+                def run_ours():
+                    it["q"] = (it["q"] + 1) % copies
+                    return gpu.triton_linear(x, ws[it["q"]], ss[it["q"]])
+
+                def run_ref():
+                    it["q"] = (it["q"] + 1) % copies
+                    return reference_linear(x, ws[it["q"]], ss[it["q"]])
+
+                calls = copies * 2
+                td, tq, tr = graph_time(run_dense, calls), graph_time(run_ours, calls), graph_time(run_ref, calls, 5)
+                ed, eq = eager_time(run_dense, calls), eager_time(run_ours, calls)
+                pct = 100 * (n * k + n * ss[0].element_size()) / tq / 1e9 / read_gbps
+                kern = gpu._kernel(gpu.block_m_for(m))[0]
+                cfg = str(getattr(kern, "best_config", None))
+                cfg = cfg.replace("num_ctas: 1, ", "").replace(", maxnreg: None", "")
+                print(f"{str(dtype)[6:]:>5} {k:>6} {n:>6} {m:>3} | {td*1e6:8.1f} {tq*1e6:8.1f} {td/tq:5.2f} "
+                      f"{pct:5.0f} {tr*1e6:7.1f} | {ed*1e6:11.1f} {eq*1e6:10.1f} {ed/eq:5.2f} | {cfg} relerr {err:.1e}",
+                      flush=True)
+            del ws, ss, dense
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

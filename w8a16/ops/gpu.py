@@ -12,8 +12,8 @@ uses full-precision products (``input_precision="ieee"``), not TF32.
 Measured (``.ci/gpu-check`` on an NVIDIA H200, bf16, kernel time under CUDA graphs, weights rotated past the
 L2): at M = 1–16, 1.36× cuBLAS on the float weight at 4096×4096, 1.45× at 4096×14336 and 1.72× at 4096×51200
 (an lm_head), reading the int8 weight at 39–76 % of the measured read bandwidth; at M = 64–256 a GEMM at
-0.37–0.81× cuBLAS, which still beats the reference path 6–13×. Called eagerly one layer at a time, Python's
-launch cost (tens of µs) is larger than the kernel; CUDA graphs or ``torch.compile`` remove it.
+0.38–0.84× cuBLAS (tiles in `CONFIGS`), which still beats the reference path 6–13×. Called eagerly one layer at
+a time, Python's launch cost (tens of µs) is larger than the kernel; CUDA graphs or ``torch.compile`` remove it.
 
 Guards: `available()` is False without Triton or without a CUDA device; the first call on each device and
 dtype compares the kernel with `reference.reference_linear` on a small problem, and any error or disagreement
@@ -37,13 +37,15 @@ import torch
 
 from .reference import reference_linear
 
-# (BLOCK_N, BLOCK_K, warps, stages) tried by the autotuner for each row bucket: small M reads the weight once
-# with deep pipelines; large M are GEMM tiles that reuse each weight tile across many rows of x.
+# (BLOCK_N, BLOCK_K, warps, stages) tried by the autotuner for each BLOCK_M (rows of x per program, see
+# `block_m_for`): small M reads the weight once with deep pipelines; large M are GEMM tiles that reuse each
+# weight tile across many rows of x. From `.ci/gpu_sweep.py` on an H200 (bf16, kernel time vs cuBLAS): at M = 64
+# two programs of 32 rows beat one of 64 (4096x4096 0.47 -> 0.66x, 14336x4096 0.41 -> 0.66x, 4096x14336 0.80 ->
+# 0.84x), and (64, 128, 4, 3) gave M = 256 at 4096x4096 0.43 -> 0.51x.
 CONFIGS = {
     16: ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 5), (64, 128, 4, 4), (64, 256, 8, 3)),
-    32: ((32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3)),
-    64: ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)),
-    128: ((64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3)),
+    32: ((32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 128, 4, 3), (64, 256, 8, 3), (128, 64, 4, 4)),
+    128: ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3)),
 }
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 64}  # one fixed tile in Triton's CPU interpreter (tests only)
 
@@ -71,8 +73,9 @@ def triton_installed() -> bool:  # asked on every CUDA call: look on disk once
 
 
 def block_m_for(m: int) -> int:
-    """Rows of x per program: 16 (tensor-core minimum) up to 128, a power of two ≥ m where m is small."""
-    return min(128, max(16, 1 << (m - 1).bit_length()))
+    """Rows of x per program: 16 (the tensor cores' minimum) to M = 16, 32 to M = 64 (more programs than one
+    64-row tile gives, for the GPU's many SMs), 128 above."""
+    return 16 if m <= 16 else 32 if m <= 64 else 128
 
 
 @functools.cache
