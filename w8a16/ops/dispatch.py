@@ -5,9 +5,9 @@
     where Triton is missing or switched off. Slow everywhere: most of its time goes into writing and reading back
     a full-size fp32 weight on every call (on an H200, 10–23× slower than cuBLAS on the float weight).
 ``native``
-    A short C kernel (``ops/csrc/gemv.c``, built on first use by `native`) that converts int8 to fp32 in registers
+    A short C kernel (``ops/csrc/gemv.c``, built on first use by `native`) that turns int8 into fp32 in registers
     and accumulates in fp32: the weights are read once, as int8. At M=1 (decode) it streams them at memory
-    speed; for a few rows of x it converts each weight once for four (AVX2) or eight (AVX-512) rows, and bf16 x
+    speed, making floats of them with integer byte operations alone (no conversion instruction); for a few rows of x it converts each weight once for four (AVX2) or eight (AVX-512) rows, and bf16 x
     goes through the bf16 dot product (VDPBF16PS) where the CPU has one. Used up to `NATIVE_MAX_M` rows, on a CPU
     where the library runs a SIMD variant (a scalar C loop loses to PyTorch's kernels). For bf16 x from
     `native.BF16_DOT_MIN_M` rows on, at any batch, on CPUs with AVX512-BF16, a GEMM (the end of ``csrc/gemv.c``): int8

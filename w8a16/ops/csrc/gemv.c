@@ -167,10 +167,12 @@ static const variant scalar_variant = {1, 4, dot4_scalar, tile2_scalar, NULL, 0,
  *
  * Exactness: `pack_x` also scales x by 2^S (S = 126 minus x's largest exponent), so each product
  * (q * 2^-133) * (x * 2^S) is q * x times a power of two, rounded once by the FMA exactly as q * x is: the same
- * fp32 sums as the converting loop (in another order), scaled back by 2^(133 - S) at the end. Only terms below
- * 2^-119 of x's largest value drop under the normal range, an error under 2^-140 of it. x holding inf, NaN,
- * values above 2^119 or only values below 2^-90 keeps the converting loop, and so does a thread whose MXCSR
- * has denormals-are-zero set (torch.set_flush_denormal(True)), which would read every weight as zero.
+ * fp32 sums as the converting loop (in another order), scaled back by 2^(133 - S) at the end. A term leaves
+ * fp32's normal range only where |q * x| < 2^(7 - S), i.e. |x| under about 2^-118 of x's largest value (2^-119
+ * when every |x| < 1, S being capped at 126), and is then off by at most 2^(-17 - S): 2^-142 of x's largest
+ * value, 2^-53 at worst, far below the fp32 rounding of the sum. x holding inf, NaN, values above 2^119 or only
+ * values below 2^-90 keeps the converting loop, and so does a thread whose MXCSR has denormals-are-zero set
+ * (torch.set_flush_denormal(True)), which would read every weight as zero.
  * 4096x4096 M=1 on the 2-core Zen 4 (a C harness, AVX-512): 60 -> 73 GB/s with the weights in L3, 53 -> 58
  * GB/s from DRAM; one core from L2: 30 -> 36 GB/s.
  * ------------------------------------------------------------------------------------------------------------ */
