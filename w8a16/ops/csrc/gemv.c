@@ -33,6 +33,7 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };  /* native.py's DTYPE_CODES */
 
 #if defined(__x86_64__) || defined(__i386__)
 #define W8A16_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
@@ -40,7 +41,6 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };  /* native.py's DTYPE_CODES */
  * older compiler builds the library without that variant rather than failing the whole build. */
 #if (defined(__clang__) ? __clang_major__ >= 11 : (defined(__GNUC__) && __GNUC__ >= 11))
 #define W8A16_BF16DP 1
-#include <cpuid.h>
 #define TARGET_AVX512_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
 #endif
 #endif
@@ -589,11 +589,16 @@ int w8a16_simd_best(void) {
 }
 
 static int active_simd = -1;  /* set once at load by native.py (under its lock), or on the first call */
+static int has_f16c = 0;      /* set with it: CPUID says F16C (`widen_fp16_f16c`) */
 
 /* Use variant ``level`` (SIMD_*), or the best one this CPU has where it has not that one or level < 0.
  * Returns the variant now in use. */
 int w8a16_simd_use(int level) {
     int best = w8a16_simd_best();
+#ifdef W8A16_X86
+    unsigned a, b, c, d;  /* F16C: CPUID leaf 1, ECX bit 29 (asked here: not every compiler's cpu_supports knows it) */
+    has_f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+#endif
     active_simd = level < 0 || level > best ? best : level;
     return active_simd;
 }
@@ -720,7 +725,7 @@ int w8a16_gemv(const int8_t *w, const void *x_in, const void *scales, const void
         if (x_dtype == DT_BF16)
             for (int64_t i = 0; i < m * k; ++i) widened[i] = bf16_to_fp32(h[i]);
 #ifdef W8A16_X86
-        else if (v->lanes >= 8 && __builtin_cpu_supports("f16c"))
+        else if (v->lanes >= 8 && has_f16c)  /* AVX2 or AVX-512 runs: the OS keeps ymm state */
             widen_fp16_f16c(h, m * k, widened);
 #endif
         else
