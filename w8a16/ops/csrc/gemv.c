@@ -117,10 +117,9 @@ typedef struct {
     void (*tile2_bf16)(const int8_t *w0, const int8_t *w1, int64_t k, const uint16_t *x, int64_t ldx, int rows,
                        float out[2][MAX_TILE], const int8_t *next);
     /* M = 1 without converting weights (see "M = 1: weights as floats without a conversion" below), or NULL:
-     * as dot4, with xp = `pack_x`(x, k, pack_block) and unscale its return value. */
-    int pack_block;
-    void (*dot4_packed)(const int8_t *w, int64_t k, const float *x, const float *xp, float unscale, float out[4],
-                        const int8_t *next);
+     * as dot4, on xp = `pack_x`(x, k, 4 * lanes) with unscale its return value (one step takes 4 * lanes
+     * weights of a row: they come out as four vectors). */
+    void (*dot4_packed)(const int8_t *w, int64_t k, const float *xp, float unscale, float out[4], const int8_t *next);
 } variant;
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -147,7 +146,7 @@ static void tile2_scalar(const int8_t *w0, const int8_t *w1, int64_t k, const fl
     }
 }
 
-static const variant scalar_variant = {1, 4, dot4_scalar, tile2_scalar, NULL, 0, NULL};
+static const variant scalar_variant = {1, 4, dot4_scalar, tile2_scalar, NULL, NULL};
 
 /* ------------------------------------------------------------------------------------------------------------
  * M = 1: weights as floats without a conversion (the `dot4_packed` kernels)
@@ -177,7 +176,15 @@ static const variant scalar_variant = {1, 4, dot4_scalar, tile2_scalar, NULL, 0,
  * GB/s from DRAM; one core from L2: 30 -> 36 GB/s.
  * ------------------------------------------------------------------------------------------------------------ */
 
-enum { MXCSR_DAZ = 0x0040 };
+#ifdef W8A16_X86
+/* Whether this thread treats subnormal inputs as zero (MXCSR's DAZ bit, which torch.set_flush_denormal(True)
+ * sets): the packed weights are subnormals there, so such a thread keeps the converting loop. */
+__attribute__((target("sse"))) static int denormals_are_zero(void) {
+    return (_mm_getcsr() & 0x0040) != 0;
+}
+#else
+static int denormals_are_zero(void) { return 0; }
+#endif
 
 /* x (k fp32) -> xp for a dot4_packed that takes `block` weights per step (64 on AVX-512, 32 on AVX2): each full
  * block permuted as the interleaves order its weights and scaled by 2^S; the k % block tail unchanged (the
@@ -308,12 +315,8 @@ TARGET_AVX2 static inline void packed_step_avx2(__m256i q, __m256 x0, __m256 x1,
 }
 
 /* As `dot4_avx2`, on xp = `pack_x`(x, k, 32) without converting the weights (see "M = 1: weights as floats"). */
-TARGET_AVX2 static void dot4_packed_avx2(const int8_t *w, int64_t k, const float *x, const float *xp, float unscale,
-                                         float out[4], const int8_t *next) {
-    if (_mm_getcsr() & MXCSR_DAZ) {
-        dot4_avx2(w, k, x, out, next);
-        return;
-    }
+TARGET_AVX2 static void dot4_packed_avx2(const int8_t *w, int64_t k, const float *xp, float unscale, float out[4],
+                                         const int8_t *next) {
     const int8_t *w0 = w, *w1 = w + k, *w2 = w + 2 * k, *w3 = w + 3 * k;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     int64_t i = 0;
@@ -341,7 +344,7 @@ TARGET_AVX2 static void dot4_packed_avx2(const int8_t *w, int64_t k, const float
     }
 }
 
-static const variant avx2_variant = {8, 4, dot4_avx2, tile2_avx2, NULL, 32, dot4_packed_avx2};
+static const variant avx2_variant = {8, 4, dot4_avx2, tile2_avx2, NULL, dot4_packed_avx2};
 
 /* fp16 x widened to fp32 with the F16C instruction (every AVX2 CPU has it): exact, as `fp16_to_fp32`, and
  * about 1 us instead of 5 for 4096 values, at M = 1 a few per cent of a 4096x4096 call. */
@@ -463,12 +466,8 @@ TARGET_AVX512 static inline void packed_step_avx512(__m512i q, __m512 x0, __m512
 }
 
 /* As `dot4_avx512`, on xp = `pack_x`(x, k, 64) without converting the weights (see "M = 1: weights as floats"). */
-TARGET_AVX512 static void dot4_packed_avx512(const int8_t *w, int64_t k, const float *x, const float *xp,
-                                             float unscale, float out[4], const int8_t *next) {
-    if (_mm_getcsr() & MXCSR_DAZ) {
-        dot4_avx512(w, k, x, out, next);
-        return;
-    }
+TARGET_AVX512 static void dot4_packed_avx512(const int8_t *w, int64_t k, const float *xp, float unscale,
+                                             float out[4], const int8_t *next) {
     const int8_t *w0 = w, *w1 = w + k, *w2 = w + 2 * k, *w3 = w + 3 * k;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     int64_t i = 0;
@@ -501,7 +500,7 @@ TARGET_AVX512 static void dot4_packed_avx512(const int8_t *w, int64_t k, const f
     out[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3)) * unscale + _mm512_reduce_add_ps(t3);
 }
 
-static const variant avx512_variant = {16, MAX_TILE, dot4_avx512, tile2_avx512, NULL, 64, dot4_packed_avx512};
+static const variant avx512_variant = {16, MAX_TILE, dot4_avx512, tile2_avx512, NULL, dot4_packed_avx512};
 
 #ifdef W8A16_BF16DP
 /* ------------------------------------------------------------------------------------------------------------
@@ -561,7 +560,7 @@ TARGET_AVX512_BF16 static void tile2_avx512bf16(const int8_t *w0, const int8_t *
     TILE2_CONSTANT_ROWS(tile2_avx512bf16_r);
 }
 
-static const variant avx512bf16_variant = {16, MAX_TILE, dot4_avx512, tile2_avx512, tile2_avx512bf16, 64,
+static const variant avx512bf16_variant = {16, MAX_TILE, dot4_avx512, tile2_avx512, tile2_avx512bf16,
                                              dot4_packed_avx512};
 #endif /* W8A16_BF16DP */
 #endif /* W8A16_X86 */
@@ -648,7 +647,8 @@ static inline void store(const output *out, int64_t r, int64_t o, float dot) {
     else ((float *)out->y)[i] = v;
 }
 
-/* M = 1 (decode): blocks of four output rows split across threads; with `dot4_packed` where unscale != 0. */
+/* M = 1 (decode): blocks of four output rows split across threads; with `dot4_packed` where unscale != 0 and
+ * the thread does not flush subnormal inputs (each thread has its own MXCSR). */
 static void gemv_one_row(const variant *v, const int8_t *w, const float *x, const float *xp, float unscale,
                          int64_t k, int threads, const output *out) {
     const int64_t n = out->n, blocks = (n + 3) / 4;
@@ -661,7 +661,7 @@ static void gemv_one_row(const variant *v, const int8_t *w, const float *x, cons
         if (o + 4 <= n) {
             float d[4];
             const int8_t *next = o + 8 <= n ? w + (o + 4) * k : NULL;
-            if (unscale != 0.0f) v->dot4_packed(w + o * k, k, x, xp, unscale, d, next);
+            if (unscale != 0.0f && !denormals_are_zero()) v->dot4_packed(w + o * k, k, xp, unscale, d, next);
             else v->dot4(w + o * k, k, x, d, next);
             for (int j = 0; j < 4; ++j) store(out, 0, o + j, d[j]);
         } else {  /* 1-3 rows left: one or two 2-row tiles (an odd last row is computed twice) */
@@ -733,9 +733,9 @@ int w8a16_gemv(const int8_t *w, const void *x_in, const void *scales, const void
         x = widened;
     }
     float *packed = NULL, unscale = 0.0f;  /* x for dot4_packed; without memory for it, the converting loop */
-    if (m == 1 && v->dot4_packed && k >= v->pack_block && n >= 4) {
+    if (m == 1 && v->dot4_packed && k >= 4 * v->lanes && n >= 4) {
         packed = (float *)aligned_alloc(64, ((size_t)k * sizeof(float) + 63) & ~(size_t)63);
-        if (packed) unscale = pack_x(x, k, v->pack_block, packed);
+        if (packed) unscale = pack_x(x, k, 4 * v->lanes, packed);
     }
     if (m == 1) gemv_one_row(v, w, x, packed, unscale, k, threads, &out);
     else gemv_rows(v, w, bf16_dp ? x_in : (const void *)x, m, k, threads, bf16_dp, &out);
